@@ -1,0 +1,4 @@
+//! Burn modules for latent diffusion, loaded from diffusers-format checkpoints.
+#![warn(missing_docs)]
+
+pub use diffusion_core;

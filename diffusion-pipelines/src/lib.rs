@@ -1,0 +1,6 @@
+//! The facade crate: pipelines for inference and training, re-exporting the building blocks.
+#![warn(missing_docs)]
+
+pub use diffusion_core as core;
+pub use diffusion_models as models;
+pub use diffusion_schedulers as schedulers;

@@ -1,0 +1,314 @@
+//! Pieces shared by several samplers: config enums, timestep spacing, sigma schedules
+//! (Karras, exponential, beta), interpolation and prediction-type conversion.
+
+use diffusion_core::{Error, Result, SchedulerTensor};
+use serde::{Deserialize, Serialize};
+
+pub use crate::schedule::linspace;
+
+/// The `prediction_type` key: what the model predicts.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, Default)]
+#[serde(rename_all = "snake_case")]
+pub enum PredictionType {
+    /// The noise `epsilon` added to the sample.
+    #[default]
+    Epsilon,
+    /// The velocity `v = sqrt(abar) * eps - sqrt(1 - abar) * x0` (Salimans & Ho 2022).
+    VPrediction,
+    /// The clean sample `x0` itself.
+    Sample,
+}
+
+/// The `timestep_spacing` key: how inference timesteps are placed among training timesteps
+/// (Lin et al. 2023, Table 2).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, Default)]
+#[serde(rename_all = "snake_case")]
+pub enum TimestepSpacing {
+    /// Evenly spaced from 0 to `num_train_timesteps - 1`, both ends included.
+    Linspace,
+    /// Multiples of `num_train_timesteps / steps` counted up from 0 (plus `steps_offset`).
+    #[default]
+    Leading,
+    /// Multiples counted down from `num_train_timesteps`, minus one.
+    Trailing,
+}
+
+/// The `final_sigmas_type` key: the noise level after the last step.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, Default)]
+#[serde(rename_all = "snake_case")]
+pub enum FinalSigmasType {
+    /// End on sigma = 0 (a clean sample).
+    #[default]
+    Zero,
+    /// End on the smallest training sigma.
+    SigmaMin,
+}
+
+/// How the inference schedule is chosen in `set_timesteps`.
+#[derive(Debug, Clone, PartialEq)]
+pub enum TimestepSchedule {
+    /// This many steps, placed by the sampler's `timestep_spacing` and sigma options.
+    Steps(usize),
+    /// Explicit training timesteps, in decreasing order (diffusers' `timesteps=`).
+    Timesteps(Vec<f64>),
+    /// Explicit noise levels, in decreasing order (diffusers' `sigmas=`).
+    Sigmas(Vec<f64>),
+}
+
+/// Checks `num_inference_steps` against `num_train_timesteps`.
+pub fn check_steps(num_inference_steps: usize, num_train_timesteps: usize) -> Result<()> {
+    if num_inference_steps == 0 {
+        return Err(Error::InvalidArgument(
+            "num_inference_steps must be at least 1".into(),
+        ));
+    }
+    if num_inference_steps > num_train_timesteps {
+        return Err(Error::InvalidArgument(format!(
+            "num_inference_steps ({num_inference_steps}) cannot exceed num_train_timesteps ({num_train_timesteps})"
+        )));
+    }
+    Ok(())
+}
+
+/// Checks that custom timesteps are strictly decreasing and inside `[0, num_train_timesteps)`.
+pub fn check_custom_timesteps(timesteps: &[f64], num_train_timesteps: usize) -> Result<()> {
+    if timesteps.is_empty() {
+        return Err(Error::InvalidArgument("custom timesteps are empty".into()));
+    }
+    if timesteps.windows(2).any(|w| w[1] >= w[0]) {
+        return Err(Error::InvalidArgument(
+            "custom timesteps must be in strictly decreasing order".into(),
+        ));
+    }
+    if timesteps
+        .iter()
+        .any(|&t| !(t >= 0.0 && t < num_train_timesteps as f64))
+    {
+        return Err(Error::InvalidArgument(format!(
+            "custom timesteps must lie in [0, {num_train_timesteps})"
+        )));
+    }
+    Ok(())
+}
+
+/// Checks that custom sigmas are finite, non-negative and non-increasing.
+pub fn check_custom_sigmas(sigmas: &[f64]) -> Result<()> {
+    if sigmas.is_empty() {
+        return Err(Error::InvalidArgument("custom sigmas are empty".into()));
+    }
+    if sigmas.iter().any(|s| !(s.is_finite() && *s >= 0.0)) {
+        return Err(Error::InvalidArgument(
+            "custom sigmas must be finite and non-negative".into(),
+        ));
+    }
+    if sigmas.windows(2).any(|w| w[1] > w[0]) {
+        return Err(Error::InvalidArgument(
+            "custom sigmas must be in decreasing order".into(),
+        ));
+    }
+    Ok(())
+}
+
+/// numpy's `round` (half to even), as diffusers uses when placing timesteps.
+pub fn np_round(x: f64) -> f64 {
+    x.round_ties_even()
+}
+
+/// `numpy.interp(x, xp, fp)` for increasing `xp`: piecewise-linear, clamped at the ends.
+pub fn interp(x: f64, xp: &[f64], fp: &[f64]) -> f64 {
+    debug_assert_eq!(xp.len(), fp.len());
+    let n = xp.len();
+    if x <= xp[0] {
+        return fp[0];
+    }
+    if x >= xp[n - 1] {
+        return fp[n - 1];
+    }
+    // first index with xp[j] > x
+    let j = xp.partition_point(|&v| v <= x);
+    let i = j - 1;
+    let w = (x - xp[i]) / (xp[j] - xp[i]);
+    fp[i] + w * (fp[j] - fp[i])
+}
+
+/// diffusers' `_sigma_to_t`: the (fractional) training timestep whose log-sigma is `sigma`'s,
+/// by linear interpolation in log space over `log_sigmas` (increasing with t).
+pub fn sigma_to_t(sigma: f64, log_sigmas: &[f64]) -> f64 {
+    let log_sigma = sigma.max(1e-10).ln();
+    let n = log_sigmas.len();
+    // index of the last log_sigma <= log_sigma, clipped to n - 2
+    let count = log_sigmas.iter().filter(|&&ls| log_sigma - ls >= 0.0).count();
+    let low_idx = count.saturating_sub(1).min(n - 2);
+    let high_idx = low_idx + 1;
+    let (low, high) = (log_sigmas[low_idx], log_sigmas[high_idx]);
+    let w = ((low - log_sigma) / (low - high)).clamp(0.0, 1.0);
+    (1.0 - w) * low_idx as f64 + w * high_idx as f64
+}
+
+/// Karras et al. 2022 ("Elucidating the Design Space...") eq. 5 noise levels, rho = 7:
+/// `sigma_i = (sigma_max^(1/rho) + i/(n-1) (sigma_min^(1/rho) - sigma_max^(1/rho)))^rho`.
+pub fn karras_sigmas(sigma_min: f64, sigma_max: f64, n: usize) -> Vec<f64> {
+    let rho = 7.0;
+    let min_inv = sigma_min.powf(1.0 / rho);
+    let max_inv = sigma_max.powf(1.0 / rho);
+    linspace(0.0, 1.0, n)
+        .into_iter()
+        .map(|r| (max_inv + r * (min_inv - max_inv)).powf(rho))
+        .collect()
+}
+
+/// Noise levels evenly spaced in log space from `sigma_max` down to `sigma_min`.
+pub fn exponential_sigmas(sigma_min: f64, sigma_max: f64, n: usize) -> Vec<f64> {
+    linspace(sigma_max.ln(), sigma_min.ln(), n)
+        .into_iter()
+        .map(f64::exp)
+        .collect()
+}
+
+/// Noise levels placed by the quantiles of Beta(alpha, beta) ("Beta Sampling is All You
+/// Need", Lee et al. 2024), as diffusers' `_convert_to_beta` with alpha = beta = 0.6.
+pub fn beta_sigmas(sigma_min: f64, sigma_max: f64, n: usize, alpha: f64, beta: f64) -> Vec<f64> {
+    linspace(0.0, 1.0, n)
+        .into_iter()
+        .map(|u| {
+            let ppf = beta_ppf(1.0 - u, alpha, beta);
+            sigma_min + ppf * (sigma_max - sigma_min)
+        })
+        .collect()
+}
+
+/// Inverse CDF of the Beta(a, b) distribution, by bisection on the regularised incomplete
+/// beta function to full `f64` precision.
+pub fn beta_ppf(p: f64, a: f64, b: f64) -> f64 {
+    if p <= 0.0 {
+        return 0.0;
+    }
+    if p >= 1.0 {
+        return 1.0;
+    }
+    let (mut lo, mut hi) = (0.0f64, 1.0f64);
+    for _ in 0..200 {
+        let mid = 0.5 * (lo + hi);
+        if mid <= lo || mid >= hi {
+            break;
+        }
+        if statrs::function::beta::beta_reg(a, b, mid) < p {
+            lo = mid;
+        } else {
+            hi = mid;
+        }
+    }
+    0.5 * (lo + hi)
+}
+
+/// Index of `timestep` in `schedule` as diffusers' `index_for_timestep` picks it: the second
+/// match when the timestep occurs more than once (so a run started mid-schedule, as in
+/// image-to-image, does not skip a sigma), else the first.
+pub fn index_for_timestep(schedule: &[f64], timestep: f64) -> Result<usize> {
+    let matches: Vec<usize> = schedule
+        .iter()
+        .enumerate()
+        .filter(|(_, t)| (**t - timestep).abs() < 1e-9 * (1.0 + timestep.abs()))
+        .map(|(i, _)| i)
+        .collect();
+    match matches.len() {
+        0 => Err(Error::InvalidArgument(format!(
+            "timestep {timestep} is not in the current schedule"
+        ))),
+        1 => Ok(matches[0]),
+        _ => Ok(matches[1]),
+    }
+}
+
+/// Converts a model output to the predicted clean sample `x0` for a variance-preserving
+/// sample `x_t = alpha_t x0 + sigma_t eps` (`alpha_t = sqrt(abar)`, `sigma_t = sqrt(1-abar)`).
+pub fn vp_pred_x0<T: SchedulerTensor>(
+    prediction_type: PredictionType,
+    model_output: &T,
+    sample: &T,
+    alpha_t: f64,
+    sigma_t: f64,
+) -> T {
+    match prediction_type {
+        PredictionType::Epsilon => {
+            T::lincomb(&[(1.0 / alpha_t, sample), (-sigma_t / alpha_t, model_output)])
+        }
+        PredictionType::Sample => model_output.clone(),
+        PredictionType::VPrediction => T::lincomb(&[(alpha_t, sample), (-sigma_t, model_output)]),
+    }
+}
+
+/// Converts a model output to the predicted noise `eps` for a variance-preserving sample.
+pub fn vp_pred_eps<T: SchedulerTensor>(
+    prediction_type: PredictionType,
+    model_output: &T,
+    sample: &T,
+    alpha_t: f64,
+    sigma_t: f64,
+) -> T {
+    match prediction_type {
+        PredictionType::Epsilon => model_output.clone(),
+        PredictionType::Sample => {
+            T::lincomb(&[(1.0 / sigma_t, sample), (-alpha_t / sigma_t, model_output)])
+        }
+        PredictionType::VPrediction => T::lincomb(&[(alpha_t, model_output), (sigma_t, sample)]),
+    }
+}
+
+/// diffusers' `_threshold_sample` (Imagen, Saharia et al. 2022, §2.3 "dynamic thresholding"):
+/// per batch element, `s` = the `ratio` quantile of `|x0|`, clamped to `[1, max_value]`;
+/// then `x0 = clamp(x0, -s, s) / s`. Runs on the host (rare: pixel-space models only).
+pub fn dynamic_threshold<T: SchedulerTensor>(x0: &T, ratio: f64, max_value: f64) -> T {
+    let shape = x0.shape();
+    let batch = shape.first().copied().unwrap_or(1).max(1);
+    let mut data = x0.to_host();
+    let per = data.len() / batch;
+    for chunk in data.chunks_mut(per) {
+        let mut abs: Vec<f64> = chunk.iter().map(|v| v.abs()).collect();
+        abs.sort_by(f64::total_cmp);
+        let s = quantile_sorted(&abs, ratio).clamp(1.0, max_value);
+        for v in chunk.iter_mut() {
+            *v = v.clamp(-s, s) / s;
+        }
+    }
+    x0.from_host_like(data, &shape)
+}
+
+/// `torch.quantile` (linear interpolation) of sorted values.
+fn quantile_sorted(sorted: &[f64], q: f64) -> f64 {
+    let pos = q * (sorted.len() - 1) as f64;
+    let lo = pos.floor() as usize;
+    let hi = pos.ceil() as usize;
+    sorted[lo] + (pos - lo as f64) * (sorted[hi] - sorted[lo])
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn interp_matches_numpy() {
+        let xp = [0.0, 1.0, 3.0];
+        let fp = [10.0, 20.0, 40.0];
+        assert_eq!(interp(-1.0, &xp, &fp), 10.0);
+        assert_eq!(interp(2.0, &xp, &fp), 30.0);
+        assert_eq!(interp(5.0, &xp, &fp), 40.0);
+        assert_eq!(interp(1.0, &xp, &fp), 20.0);
+    }
+
+    #[test]
+    fn beta_ppf_inverts_cdf() {
+        for p in [0.01, 0.3, 0.5, 0.77, 0.999] {
+            let x = beta_ppf(p, 0.6, 0.6);
+            assert!((statrs::function::beta::beta_reg(0.6, 0.6, x) - p).abs() < 1e-12);
+        }
+        assert!((beta_ppf(0.5, 0.6, 0.6) - 0.5).abs() < 1e-12);
+    }
+
+    #[test]
+    fn np_round_is_half_even() {
+        assert_eq!(np_round(2.5), 2.0);
+        assert_eq!(np_round(3.5), 4.0);
+        assert_eq!(np_round(-0.5), 0.0);
+    }
+}

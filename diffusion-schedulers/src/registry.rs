@@ -1,0 +1,136 @@
+//! Build samplers by diffusers class name or short name.
+//!
+//! [`from_config`] reads the keys it knows from any scheduler config and ignores the rest,
+//! so a model's `scheduler_config.json` written for one class configures another, as
+//! diffusers' `SomeScheduler.from_config(pipe.scheduler.config)` does. Short names may also
+//! set keys (e.g. `dpm++2m-karras` sets `use_karras_sigmas`).
+
+use diffusion_core::{ConfigMap, Error, Result, SchedulerTensor};
+use serde_json::Value;
+
+use crate::scheduler::Scheduler;
+
+/// A short name: the class it builds and the config keys it sets.
+struct ShortName {
+    name: &'static str,
+    class: &'static str,
+    overrides: &'static [(&'static str, Override)],
+}
+
+#[derive(Clone, Copy)]
+enum Override {
+    Bool(bool),
+    Str(&'static str),
+    Int(i64),
+}
+
+impl From<Override> for Value {
+    fn from(o: Override) -> Value {
+        match o {
+            Override::Bool(b) => Value::Bool(b),
+            Override::Str(s) => Value::String(s.to_string()),
+            Override::Int(i) => Value::from(i),
+        }
+    }
+}
+
+use Override::{Bool, Int, Str};
+
+const SHORT_NAMES: &[ShortName] = &[
+    ShortName { name: "ddim", class: "DDIMScheduler", overrides: &[] },
+];
+
+/// The diffusers class names this crate implements.
+pub const CLASS_NAMES: &[&str] = &["DDIMScheduler"];
+
+/// Every accepted short name.
+pub fn short_names() -> impl Iterator<Item = &'static str> {
+    SHORT_NAMES.iter().map(|s| s.name)
+}
+
+fn known_names() -> String {
+    CLASS_NAMES
+        .iter()
+        .copied()
+        .chain(short_names())
+        .collect::<Vec<_>>()
+        .join(", ")
+}
+
+/// Resolves `name` (a class name or short name, case-insensitive) to its class and the
+/// config keys the name sets.
+pub fn resolve(name: &str) -> Result<(&'static str, Vec<(&'static str, Value)>)> {
+    let lower = name.trim().to_ascii_lowercase();
+    if let Some(class) = CLASS_NAMES.iter().find(|c| c.to_ascii_lowercase() == lower) {
+        return Ok((class, Vec::new()));
+    }
+    let normalized = lower.replace('_', "-");
+    if let Some(s) = SHORT_NAMES.iter().find(|s| s.name == normalized) {
+        let overrides = s.overrides.iter().map(|(k, v)| (*k, Value::from(*v))).collect();
+        return Ok((s.class, overrides));
+    }
+    Err(Error::UnknownScheduler {
+        name: name.to_string(),
+        known: known_names(),
+    })
+}
+
+/// Builds the sampler `name` from a scheduler config map.
+pub fn from_config<T: SchedulerTensor + 'static>(
+    name: &str,
+    config: &ConfigMap,
+) -> Result<Box<dyn Scheduler<T>>> {
+    let (class, overrides) = resolve(name)?;
+    let mut map = config.clone();
+    for (k, v) in overrides {
+        map.set(k, v);
+    }
+    build(class, &map)
+}
+
+/// Builds the sampler named by the config's own `_class_name`.
+pub fn from_class_config<T: SchedulerTensor + 'static>(
+    config: &ConfigMap,
+) -> Result<Box<dyn Scheduler<T>>> {
+    let class = config.class_name().ok_or_else(|| {
+        Error::config("_class_name", "missing: the config does not name its scheduler class")
+    })?;
+    from_config(class, config)
+}
+
+fn build<T: SchedulerTensor + 'static>(
+    class: &str,
+    map: &ConfigMap,
+) -> Result<Box<dyn Scheduler<T>>> {
+    use crate::*;
+    Ok(match class {
+        "DDIMScheduler" => Box::new(DdimScheduler::from_config_map(map)?),
+        other => {
+            return Err(Error::UnknownScheduler {
+                name: other.to_string(),
+                known: known_names(),
+            })
+        }
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use diffusion_core::HostTensor;
+
+    #[test]
+    fn unknown_names_are_typed_errors() {
+        let err = from_config::<HostTensor>("warp-drive", &ConfigMap::new()).err().unwrap();
+        assert!(matches!(err, Error::UnknownScheduler { .. }), "{err}");
+    }
+
+    #[test]
+    fn every_name_builds() {
+        for name in CLASS_NAMES.iter().copied().chain(short_names()) {
+            let s = from_config::<HostTensor>(name, &ConfigMap::new())
+                .unwrap_or_else(|e| panic!("{name}: {e}"));
+            assert!(!s.name().is_empty());
+        }
+    }
+}
