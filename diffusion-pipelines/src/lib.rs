@@ -4,3 +4,6 @@
 pub use diffusion_core as core;
 pub use diffusion_models as models;
 pub use diffusion_schedulers as schedulers;
+
+pub mod data;
+pub mod image_io;

@@ -33,9 +33,24 @@
 
 pub mod common;
 pub mod ddim;
+pub mod ddpm;
+pub mod deis;
+pub mod dpm_solver_multistep;
+pub mod dpm_solver_singlestep;
+pub mod euler;
+pub mod euler_ancestral;
+pub mod heun;
+pub mod kdpm2;
+pub mod kdpm2_ancestral;
+pub mod lcm;
+pub mod lms;
+pub mod pndm;
 pub mod registry;
 pub mod schedule;
 pub mod scheduler;
+pub mod tcd;
+pub mod trace;
+pub mod unipc;
 
 pub use common::{FinalSigmasType, PredictionType, TimestepSchedule, TimestepSpacing};
 pub use ddim::{DdimConfig, DdimScheduler};

@@ -1,0 +1,3 @@
+//! Training data: the procedural shapes dataset and image folders with captions.
+
+pub mod shapes;
