@@ -282,6 +282,188 @@ fn quantile_sorted(sorted: &[f64], q: f64) -> f64 {
     sorted[lo] + (pos - lo as f64) * (sorted[hi] - sorted[lo])
 }
 
+// ---------------------------------------------------------------------------------------
+// Variance-preserving multistep solver tables.
+//
+// Shared by the diffusers samplers that keep a table of VP noise levels and work in
+// `lambda = log(alpha_t / sigma_t)`: DPMSolverMultistepScheduler (dpm_solver_multistep.rs),
+// UniPCMultistepScheduler (unipc.rs) and DEISMultistepScheduler (deis.rs). Their
+// `set_timesteps` all (1) space integer timesteps by `timestep_spacing`
+// ([`multistep_timesteps`]), (2) turn them into noise levels, optionally respaced as
+// Karras / exponential / beta sigmas ([`vp_inference_sigmas`]), and (3) append a final
+// sigma, which each sampler chooses itself.
+// ---------------------------------------------------------------------------------------
+
+/// `numpy.arange(start, stop, step)` for floats, reproducing numpy's element count
+/// `ceil((stop - start) / step)` and its fill rule (`start + i * (x[1] - x[0])`), so
+/// rounding quirks (an extra element close to `stop`) match numpy.
+pub fn np_arange(start: f64, stop: f64, step: f64) -> Vec<f64> {
+    let len = ((stop - start) / step).ceil();
+    if !(len > 0.0) {
+        return Vec::new();
+    }
+    let len = len as usize;
+    let second = start + step;
+    let delta = second - start;
+    (0..len)
+        .map(|i| match i {
+            0 => start,
+            1 => second,
+            _ => start + i as f64 * delta,
+        })
+        .collect()
+}
+
+/// Integer inference timesteps of diffusers' VP multistep solvers, before any sigma
+/// respacing, in decreasing order (Lin et al. 2023, Table 2):
+///
+/// - `linspace`: `round(linspace(0, last_timestep - 1, n + 1))`, reversed, last dropped;
+/// - `leading`: `i * (last_timestep // (n + 1)) + steps_offset` for `i = n, ..., 1`;
+/// - `trailing`: `round(arange(last_timestep, 0, -num_train_timesteps / n)) - 1` (numpy's
+///   `arange` may yield one extra element, giving a timestep of -1, as in diffusers).
+///
+/// `last_timestep` is `num_train_timesteps` except where DPM-Solver clips the schedule by
+/// `lambda_min_clipped`.
+pub fn multistep_timesteps(
+    spacing: TimestepSpacing,
+    num_train_timesteps: usize,
+    last_timestep: usize,
+    num_inference_steps: usize,
+    steps_offset: usize,
+) -> Vec<f64> {
+    let n = num_inference_steps;
+    match spacing {
+        TimestepSpacing::Linspace => {
+            let mut t: Vec<f64> = linspace(0.0, last_timestep as f64 - 1.0, n + 1)
+                .into_iter()
+                .map(np_round)
+                .collect();
+            t.reverse();
+            t.pop();
+            t
+        }
+        TimestepSpacing::Leading => {
+            let ratio = last_timestep / (n + 1);
+            (1..=n)
+                .rev()
+                .map(|i| (i * ratio + steps_offset) as f64)
+                .collect()
+        }
+        TimestepSpacing::Trailing => {
+            let ratio = num_train_timesteps as f64 / n as f64;
+            np_arange(last_timestep as f64, 0.0, -ratio)
+                .into_iter()
+                .map(|v| np_round(v) - 1.0)
+                .collect()
+        }
+    }
+}
+
+/// How a VP multistep solver places its inference noise levels.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum SigmaSpacing {
+    /// The training sigmas at the spaced timesteps (`np.interp`).
+    #[default]
+    Timesteps,
+    /// Karras et al. 2022 sigmas ([`karras_sigmas`]), `use_karras_sigmas`.
+    Karras,
+    /// Log-uniform sigmas ([`exponential_sigmas`]), `use_exponential_sigmas`.
+    Exponential,
+    /// Beta-quantile sigmas ([`beta_sigmas`]), `use_beta_sigmas`.
+    Beta,
+}
+
+impl SigmaSpacing {
+    /// Reads the `use_karras_sigmas` / `use_exponential_sigmas` / `use_beta_sigmas` keys,
+    /// of which at most one may be set.
+    pub fn from_flags(karras: bool, exponential: bool, beta: bool) -> Result<Self> {
+        match (karras, exponential, beta) {
+            (false, false, false) => Ok(Self::Timesteps),
+            (true, false, false) => Ok(Self::Karras),
+            (false, true, false) => Ok(Self::Exponential),
+            (false, false, true) => Ok(Self::Beta),
+            _ => Err(Error::config(
+                "use_karras_sigmas/use_exponential_sigmas/use_beta_sigmas",
+                "only one of them can be true",
+            )),
+        }
+    }
+}
+
+/// Inference timesteps and noise levels (without the final one) of a VP multistep solver,
+/// as diffusers' DPM-Solver / UniPC / DEIS `set_timesteps` computes them.
+#[derive(Debug, Clone, PartialEq)]
+pub struct VpInferenceSigmas {
+    /// Timesteps given to the model; integers (diffusers stores them as `int64`).
+    pub timesteps: Vec<f64>,
+    /// Noise levels `sigma = sqrt((1 - abar) / abar)`, one per timestep.
+    pub sigmas: Vec<f64>,
+}
+
+/// Turns spaced timesteps (from [`multistep_timesteps`]) into noise levels.
+///
+/// With [`SigmaSpacing::Timesteps`] the training sigmas are interpolated at `timesteps`.
+/// Otherwise `num_inference_steps` sigmas are placed between `sigma_min` and `sigma_max`
+/// (defaulting to the extremes of the training sigmas) and the timesteps become their
+/// fractional training timesteps ([`sigma_to_t`]), rounded (numpy half-even) for Karras
+/// sigmas when `round_karras` is set, then truncated toward zero as diffusers' `int64`
+/// cast does.
+pub fn vp_inference_sigmas(
+    alphas_cumprod: &[f64],
+    timesteps: &[f64],
+    num_inference_steps: usize,
+    spacing: SigmaSpacing,
+    sigma_min: Option<f64>,
+    sigma_max: Option<f64>,
+    round_karras: bool,
+) -> VpInferenceSigmas {
+    let train: Vec<f64> = alphas_cumprod
+        .iter()
+        .map(|a| ((1.0 - a) / a).sqrt())
+        .collect();
+    if spacing == SigmaSpacing::Timesteps {
+        let grid: Vec<f64> = (0..train.len()).map(|i| i as f64).collect();
+        return VpInferenceSigmas {
+            timesteps: timesteps.to_vec(),
+            sigmas: timesteps.iter().map(|&t| interp(t, &grid, &train)).collect(),
+        };
+    }
+    let log_sigmas: Vec<f64> = train.iter().map(|s| s.ln()).collect();
+    let lo = sigma_min.unwrap_or(train[0]);
+    let hi = sigma_max.unwrap_or(train[train.len() - 1]);
+    let n = num_inference_steps;
+    let sigmas = match spacing {
+        SigmaSpacing::Karras => karras_sigmas(lo, hi, n),
+        SigmaSpacing::Exponential => exponential_sigmas(lo, hi, n),
+        SigmaSpacing::Beta => beta_sigmas(lo, hi, n, 0.6, 0.6),
+        SigmaSpacing::Timesteps => unreachable!("handled above"),
+    };
+    let round = round_karras && spacing == SigmaSpacing::Karras;
+    let timesteps = sigmas
+        .iter()
+        .map(|&s| {
+            let t = sigma_to_t(s, &log_sigmas);
+            if round { np_round(t) } else { t.trunc() }
+        })
+        .collect();
+    VpInferenceSigmas { timesteps, sigmas }
+}
+
+/// `(alpha_t, sigma_t)` of the VP process at noise level `sigma = sigma_t / alpha_t`:
+/// `alpha_t = 1 / sqrt(sigma^2 + 1)`, `sigma_t = sigma * alpha_t` (diffusers'
+/// `_sigma_to_alpha_sigma_t`).
+pub fn vp_alpha_sigma(sigma: f64) -> (f64, f64) {
+    let alpha_t = 1.0 / (sigma * sigma + 1.0).sqrt();
+    (alpha_t, sigma * alpha_t)
+}
+
+/// Half log-SNR `lambda = ln(alpha_t) - ln(sigma_t)` at noise level `sigma` (Lu et al.
+/// 2022, DPM-Solver §3.1); `+inf` at `sigma = 0`.
+pub fn vp_lambda(sigma: f64) -> f64 {
+    let (alpha_t, sigma_t) = vp_alpha_sigma(sigma);
+    alpha_t.ln() - sigma_t.ln()
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -310,5 +492,28 @@ mod tests {
         assert_eq!(np_round(2.5), 2.0);
         assert_eq!(np_round(3.5), 4.0);
         assert_eq!(np_round(-0.5), 0.0);
+    }
+
+    #[test]
+    fn multistep_timesteps_match_diffusers() {
+        // UniPC / DEIS / DPM-Solver defaults (values printed by diffusers 0.42.1).
+        let lin = multistep_timesteps(TimestepSpacing::Linspace, 1000, 1000, 5, 0);
+        assert_eq!(lin, vec![999.0, 799.0, 599.0, 400.0, 200.0]);
+        let lead = multistep_timesteps(TimestepSpacing::Leading, 1000, 1000, 5, 1);
+        assert_eq!(lead, vec![831.0, 665.0, 499.0, 333.0, 167.0]);
+        let trail = multistep_timesteps(TimestepSpacing::Trailing, 1000, 1000, 3, 0);
+        assert_eq!(trail, vec![999.0, 666.0, 332.0]);
+        // numpy's arange yields 62 elements here, the last rounding to -1.
+        let quirk = multistep_timesteps(TimestepSpacing::Trailing, 1000, 1000, 61, 0);
+        assert_eq!(quirk.len(), 62);
+        assert_eq!(*quirk.last().unwrap(), -1.0);
+    }
+
+    #[test]
+    fn vp_lambda_is_half_log_snr() {
+        let (a, s) = vp_alpha_sigma(0.5);
+        assert!((a * a + s * s - 1.0).abs() < 1e-15);
+        assert!((vp_lambda(0.5) - 2f64.ln()).abs() < 1e-15);
+        assert_eq!(vp_lambda(0.0), f64::INFINITY);
     }
 }
