@@ -5,6 +5,8 @@
 //!   non-standard `NaN` / `Infinity` tokens Python writes.
 //! - [`SchedulerTensor`]: the arithmetic samplers need, implemented for host arrays
 //!   ([`HostTensor`]) here and for Burn tensors in `diffusion-models`.
+//! - [`ModelDir`]: a diffusers model folder (`model_index.json`, component configs, weight
+//!   files including fp16 variants and sharded checkpoints).
 //! - [`NoiseSource`]: seeded host-side noise ([`SeededNoise`]) or pre-recorded noise
 //!   ([`FixedNoise`]).
 //!
@@ -26,10 +28,12 @@
 
 pub mod config;
 pub mod error;
+pub mod model_dir;
 pub mod noise;
 pub mod tensor;
 
 pub use config::ConfigMap;
 pub use error::{Error, Result};
+pub use model_dir::{ComponentSpec, ModelDir, ModelIndex, WeightFiles};
 pub use noise::{FixedNoise, NoNoise, NoiseSource, SeededNoise};
 pub use tensor::{HostTensor, SchedulerTensor};
