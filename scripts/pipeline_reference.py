@@ -1,0 +1,202 @@
+#!/usr/bin/env python3
+"""Reference outputs of diffusers' Stable Diffusion pipelines on the tiny fixture models.
+
+Runs StableDiffusionPipeline (text-to-image), StableDiffusionImg2ImgPipeline and
+StableDiffusionInpaintPipeline on diffusion-models/tests/fixtures/{sd1-tiny,sd2-tiny}
+(and sd1-tiny with the 9-channel unet-inpaint-tiny U-Net) with fixed latents, and records
+every random draw diffusers makes (VAE posterior sampling, img2img noising, ancestral
+sampler noise) so the Rust pipeline can replay them exactly.
+
+Writes diffusion-pipelines/tests/fixtures/pipelines.json (the cases: prompts, scheduler,
+steps, guidance, latents, recorded noise, init image, mask) and
+diffusion-pipelines/tests/fixtures/pipelines.safetensors (each case's output images, float32
+[batch, H, W, 3] in [0, 1], diffusers' output_type="np").
+
+Requirements: pip install diffusers==0.42.1 transformers==5.24.0 torch numpy safetensors
+Usage: python3 scripts/pipeline_reference.py
+"""
+
+import json
+import os
+import sys
+
+import numpy as np
+import torch
+from safetensors.torch import save_file
+
+import diffusers
+from diffusers import (
+    DDIMScheduler,
+    DPMSolverMultistepScheduler,
+    EulerAncestralDiscreteScheduler,
+    EulerDiscreteScheduler,
+    PNDMScheduler,
+    StableDiffusionImg2ImgPipeline,
+    StableDiffusionInpaintPipeline,
+    StableDiffusionPipeline,
+    UNet2DConditionModel,
+    UniPCMultistepScheduler,
+)
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+MODELS = os.path.join(ROOT, "diffusion-models", "tests", "fixtures")
+OUT = os.path.join(ROOT, "diffusion-pipelines", "tests", "fixtures")
+
+SCHEDULERS = {
+    "ddim": DDIMScheduler,
+    "euler": EulerDiscreteScheduler,
+    "euler-a": EulerAncestralDiscreteScheduler,
+    "dpm++2m": DPMSolverMultistepScheduler,
+    "unipc": UniPCMultistepScheduler,
+    "pndm": PNDMScheduler,
+}
+
+# ---------------------------------------------------------------------------------------
+# Record every randn_tensor call diffusers makes, drawing from a seeded numpy generator.
+# ---------------------------------------------------------------------------------------
+_original_randn = diffusers.utils.torch_utils.randn_tensor
+_draws = []
+_rng = np.random.default_rng(0)
+
+
+def _recording_randn(shape, generator=None, device=None, dtype=None, layout=None):
+    values = _rng.standard_normal(size=tuple(shape))
+    _draws.append(values.astype(np.float64).ravel().tolist())
+    return torch.tensor(values, dtype=dtype or torch.float32, device=device)
+
+
+def _patch_randn():
+    for name, module in list(sys.modules.items()):
+        if name.startswith("diffusers") and getattr(module, "randn_tensor", None) is _original_randn:
+            module.randn_tensor = _recording_randn
+
+
+def _reset_draws(seed):
+    global _rng
+    _rng = np.random.default_rng(seed)
+    _draws.clear()
+
+
+def init_image(h, w):
+    """A smooth procedural RGB image in [0, 1], [1, 3, h, w]."""
+    y, x = np.meshgrid(np.linspace(0, 1, h), np.linspace(0, 1, w), indexing="ij")
+    img = np.stack([0.5 + 0.4 * np.sin(6 * x), 0.5 + 0.4 * np.cos(5 * y), x * y], axis=0)
+    return torch.tensor(img[None], dtype=torch.float32)
+
+
+def mask_image(h, w):
+    """1 = repaint: the right half, [1, 1, h, w]."""
+    m = np.zeros((1, 1, h, w), dtype=np.float32)
+    m[..., w // 2 :] = 1.0
+    return torch.tensor(m)
+
+
+def main():
+    torch.set_grad_enabled(False)
+    cases = []
+    outputs = {}
+
+    def run(name, pipe, kind, scheduler, seed, **kw):
+        pipe.scheduler = SCHEDULERS[scheduler].from_config(pipe.scheduler.config)
+        _patch_randn()
+        _reset_draws(seed)
+        gen = torch.Generator().manual_seed(seed)
+        args = dict(kw)
+        latents = args.pop("latents", None)
+        extra = {}
+        if latents is not None:
+            extra["latents"] = torch.tensor(latents, dtype=torch.float32)
+        if kind == "img2img":
+            extra["image"] = init_image(args["height"], args["width"])
+        if kind == "inpaint":
+            extra["image"] = init_image(args["height"], args["width"])
+            extra["mask_image"] = mask_image(args["height"], args["width"])
+        call = {k: v for k, v in args.items() if not (kind == "img2img" and k in ("height", "width"))}
+        images = pipe(generator=gen, output_type="np", **call, **extra).images
+        outputs[name] = torch.tensor(np.asarray(images, dtype=np.float32)).contiguous()
+        case = {"name": name, "kind": kind, "scheduler": scheduler, "noise": [list(d) for d in _draws]}
+        case.update({k: v for k, v in kw.items()})
+        if kind in ("img2img", "inpaint"):
+            case["init_image"] = extra["image"].numpy().ravel().tolist()
+        if kind == "inpaint":
+            case["mask"] = extra["mask_image"].numpy().ravel().tolist()
+        cases.append(case)
+        print(f"{name}: {outputs[name].shape} draws={len(_draws)}", flush=True)
+
+    for model in ("sd1-tiny", "sd2-tiny"):
+        path = os.path.join(MODELS, model)
+        pipe = StableDiffusionPipeline.from_pretrained(path, torch_dtype=torch.float32, safety_checker=None)
+        pipe.set_progress_bar_config(disable=True)
+        vsf = pipe.vae_scale_factor
+        h = w = pipe.unet.config.sample_size * vsf
+        lat_shape = (1, 4, h // vsf, w // vsf)
+        rng = np.random.default_rng(1234)
+        latents1 = rng.standard_normal(lat_shape).astype(np.float32)
+        latents2 = rng.standard_normal((2,) + lat_shape[1:]).astype(np.float32)
+        base = dict(height=h, width=w, num_inference_steps=4)
+        prompt = "a red circle on a blue background"
+        neg = "blurry, low quality"
+        for sched in SCHEDULERS:
+            run(f"{model}/txt2img/{sched}/cfg7.5-neg", pipe, "txt2img", sched, 10,
+                prompt=prompt, negative_prompt=neg, guidance_scale=7.5, latents=latents1.tolist(), **base)
+        for sched in ("ddim", "dpm++2m"):
+            run(f"{model}/txt2img/{sched}/cfg1", pipe, "txt2img", sched, 11,
+                prompt=prompt, guidance_scale=1.0, latents=latents1.tolist(), **base)
+            run(f"{model}/txt2img/{sched}/cfg7.5", pipe, "txt2img", sched, 12,
+                prompt=prompt, guidance_scale=7.5, latents=latents1.tolist(), **base)
+        run(f"{model}/txt2img/euler-a/two-prompts", pipe, "txt2img", "euler-a", 13,
+            prompt=[prompt, "a small green square in the top left"], negative_prompt=[neg, ""],
+            guidance_scale=7.5, latents=latents2.tolist(), **base)
+        run(f"{model}/txt2img/ddim/eta1-two-images", pipe, "txt2img", "ddim", 14,
+            prompt=prompt, num_images_per_prompt=2, guidance_scale=5.0, eta=1.0,
+            latents=latents2.tolist(), **base)
+        # diffusers 0.42.1's clip_skip path reads `text_encoder.text_model`, which transformers 5
+        # no longer has; compute the clip-skipped embeddings as diffusers defines them
+        # (hidden_states[-(clip_skip + 1)] followed by the final layer norm) and pass them in.
+        ids = pipe.tokenizer([prompt, ""], padding="max_length", max_length=pipe.tokenizer.model_max_length,
+                             truncation=True, return_tensors="pt").input_ids
+        enc = pipe.text_encoder(ids, output_hidden_states=True)
+        skipped = pipe.text_encoder.final_layer_norm(enc.hidden_states[-(1 + 1)])
+        run(f"{model}/txt2img/dpm++2m/rescale0.7-clipskip1", pipe, "txt2img", "dpm++2m", 15,
+            prompt_embeds=skipped[:1], negative_prompt_embeds=skipped[1:], guidance_scale=7.5,
+            guidance_rescale=0.7, latents=latents1.tolist(), **base)
+        cases[-1].pop("prompt_embeds")
+        cases[-1].pop("negative_prompt_embeds")
+        cases[-1].update(prompt=prompt, negative_prompt="", clip_skip=1)
+
+        img2img = StableDiffusionImg2ImgPipeline(**pipe.components)
+        img2img.set_progress_bar_config(disable=True)
+        for sched in ("ddim", "euler-a"):
+            run(f"{model}/img2img/{sched}/s0.6", img2img, "img2img", sched, 20,
+                prompt=prompt, negative_prompt=neg, guidance_scale=7.5, strength=0.6,
+                height=h, width=w, num_inference_steps=5)
+
+        inpaint = StableDiffusionInpaintPipeline(**pipe.components)
+        inpaint.set_progress_bar_config(disable=True)
+        run(f"{model}/inpaint-blend/ddim", inpaint, "inpaint", "ddim", 30,
+            prompt=prompt, guidance_scale=7.5, strength=1.0, latents=latents1.tolist(), **base)
+
+    # 9-channel inpainting U-Net with sd1-tiny's other components.
+    pipe = StableDiffusionPipeline.from_pretrained(os.path.join(MODELS, "sd1-tiny"), torch_dtype=torch.float32, safety_checker=None)
+    unet9 = UNet2DConditionModel.from_pretrained(os.path.join(MODELS, "unet-inpaint-tiny", "unet"), torch_dtype=torch.float32)
+    comps = dict(pipe.components)
+    comps["unet"] = unet9
+    inpaint9 = StableDiffusionInpaintPipeline(**comps)
+    inpaint9.set_progress_bar_config(disable=True)
+    vsf = inpaint9.vae_scale_factor
+    h = w = unet9.config.sample_size * vsf
+    lat = np.random.default_rng(99).standard_normal((1, 4, h // vsf, w // vsf)).astype(np.float32)
+    run("sd1-tiny+unet9/inpaint/ddim", inpaint9, "inpaint", "ddim", 31,
+        prompt="a red circle on a blue background", guidance_scale=7.5, strength=1.0,
+        latents=lat.tolist(), height=h, width=w, num_inference_steps=4)
+
+    os.makedirs(OUT, exist_ok=True)
+    meta = {"diffusers_version": diffusers.__version__, "torch_version": torch.__version__, "cases": cases}
+    with open(os.path.join(OUT, "pipelines.json"), "w") as f:
+        json.dump(meta, f)
+    save_file(outputs, os.path.join(OUT, "pipelines.safetensors"))
+    print("wrote", len(cases), "cases")
+
+
+if __name__ == "__main__":
+    main()
