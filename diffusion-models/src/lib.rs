@@ -2,3 +2,5 @@
 #![warn(missing_docs)]
 
 pub use diffusion_core;
+
+pub mod tensor;
