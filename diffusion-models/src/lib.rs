@@ -3,4 +3,6 @@
 
 pub use diffusion_core;
 
+pub mod loading;
+
 pub mod tensor;
