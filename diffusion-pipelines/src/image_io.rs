@@ -6,6 +6,7 @@ use std::io::{BufWriter, Write};
 use std::path::Path;
 
 use diffusion_core::{Error, Result};
+use npyz::WriterBuilder;
 
 /// An 8-bit RGB image, row-major, `height * width * 3` bytes.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -156,7 +157,9 @@ impl NpyArray {
     pub fn read(path: impl AsRef<Path>) -> Result<Self> {
         let path = path.as_ref();
         let bytes = std::fs::read(path).map_err(|e| Error::io(path, e))?;
-        let bad = |m: String| Error::InvalidArgument(format!("{}: not a usable .npy file: {m}", path.display()));
+        let bad = |m: String| {
+            Error::InvalidArgument(format!("{}: not a usable .npy file: {m}", path.display()))
+        };
         let npy = npyz::NpyFile::new(&bytes[..]).map_err(|e| bad(e.to_string()))?;
         if npy.order() != npyz::Order::C {
             return Err(bad("Fortran-order arrays are not supported".into()));
@@ -164,16 +167,26 @@ impl NpyArray {
         let shape: Vec<usize> = npy.shape().iter().map(|&d| d as usize).collect();
         let dtype = npy.dtype();
         let data: Vec<f32> = match &dtype {
-            npyz::DType::Plain(t) if t.type_char() == npyz::TypeChar::Float && t.size_field() == 4 => {
+            npyz::DType::Plain(t)
+                if t.type_char() == npyz::TypeChar::Float && t.size_field() == 4 =>
+            {
                 npy.into_vec::<f32>().map_err(|e| bad(e.to_string()))?
             }
-            npyz::DType::Plain(t) if t.type_char() == npyz::TypeChar::Float && t.size_field() == 8 => npy
-                .into_vec::<f64>()
-                .map_err(|e| bad(e.to_string()))?
-                .into_iter()
-                .map(|v| v as f32)
-                .collect(),
-            other => return Err(bad(format!("dtype {} is not float32/float64", other.descr()))),
+            npyz::DType::Plain(t)
+                if t.type_char() == npyz::TypeChar::Float && t.size_field() == 8 =>
+            {
+                npy.into_vec::<f64>()
+                    .map_err(|e| bad(e.to_string()))?
+                    .into_iter()
+                    .map(|v| v as f32)
+                    .collect()
+            }
+            other => {
+                return Err(bad(format!(
+                    "dtype {} is not float32/float64",
+                    other.descr()
+                )));
+            }
         };
         if data.len() != shape.iter().product::<usize>() {
             return Err(bad("data length does not match the header's shape".into()));
@@ -193,7 +206,7 @@ impl NpyArray {
         }
         write_atomically(path, |w| {
             let shape: Vec<u64> = self.shape.iter().map(|&d| d as u64).collect();
-            let mut writer = npyz::WriteOptions::new()
+            let mut writer = npyz::WriteOptions::<f32>::new()
                 .default_dtype()
                 .shape(&shape)
                 .writer(w)
@@ -229,13 +242,25 @@ mod tests {
     fn npy_roundtrip_and_errors() {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("a.npy");
-        let a = NpyArray { shape: vec![2, 3], data: vec![1.0, 2.0, 3.0, 4.0, 5.0, 6.5] };
+        let a = NpyArray {
+            shape: vec![2, 3],
+            data: vec![1.0, 2.0, 3.0, 4.0, 5.0, 6.5],
+        };
         a.write(&path).unwrap();
         assert_eq!(NpyArray::read(&path).unwrap(), a);
         std::fs::write(&path, b"garbage").unwrap();
-        assert!(matches!(NpyArray::read(&path), Err(Error::InvalidArgument(_))));
-        assert!(matches!(NpyArray::read(dir.path().join("missing.npy")), Err(Error::Io { .. })));
-        let bad = NpyArray { shape: vec![4], data: vec![1.0] };
+        assert!(matches!(
+            NpyArray::read(&path),
+            Err(Error::InvalidArgument(_))
+        ));
+        assert!(matches!(
+            NpyArray::read(dir.path().join("missing.npy")),
+            Err(Error::Io { .. })
+        ));
+        let bad = NpyArray {
+            shape: vec![4],
+            data: vec![1.0],
+        };
         assert!(bad.write(&path).is_err());
     }
 

@@ -7,3 +7,4 @@ pub use diffusion_schedulers as schedulers;
 
 pub mod data;
 pub mod image_io;
+pub mod train;

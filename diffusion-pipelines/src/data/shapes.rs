@@ -323,7 +323,11 @@ pub fn analyse(image: &RgbImage) -> Option<Analysis> {
         (x0 + x1 + 1) as f32 / 2.0 / w as f32,
         (y0 + y1 + 1) as f32 / 2.0 / h as f32,
     );
-    let (px_, py_) = if shape == Shape::Triangle { (bx, by) } else { (cx, cy) };
+    let (px_, py_) = if shape == Shape::Triangle {
+        (bx, by)
+    } else {
+        (cx, cy)
+    };
     let position = (0..POSITIONS.len())
         .min_by(|&a, &b| {
             let da = (POSITIONS[a].1[0] - px_).powi(2) + (POSITIONS[a].1[1] - py_).powi(2);
@@ -354,8 +358,14 @@ mod tests {
             size: 0,
             position: 0,
         };
-        assert_eq!(s.caption(), "a small red circle in the top left on a white background");
-        assert_eq!(s.caption_with(false, false), "a red circle on a white background");
+        assert_eq!(
+            s.caption(),
+            "a small red circle in the top left on a white background"
+        );
+        assert_eq!(
+            s.caption_with(false, false),
+            "a red circle on a white background"
+        );
     }
 
     /// The analyser reads back every attribute of rendered scenes (it is the judge of the
@@ -378,7 +388,11 @@ mod tests {
         assert_eq!(correct[1], total, "background");
         assert_eq!(correct[3], total, "size");
         assert_eq!(correct[4], total, "position");
-        assert!(correct[2] as f64 >= 0.97 * total as f64, "shape {}", correct[2]);
+        assert!(
+            correct[2] as f64 >= 0.97 * total as f64,
+            "shape {}",
+            correct[2]
+        );
     }
 
     #[test]
