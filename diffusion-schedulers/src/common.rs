@@ -464,9 +464,90 @@ pub fn vp_lambda(sigma: f64) -> f64 {
     alpha_t.ln() - sigma_t.ln()
 }
 
+/// Integer inference timesteps of diffusers' DDIM / DDPM / PNDM, in decreasing order
+/// (Lin et al. 2023, Table 2):
+///
+/// - `linspace`: `round(linspace(0, num_train_timesteps - 1, n))`, reversed;
+/// - `leading`: `i * (num_train_timesteps // n) + steps_offset` for `i = n - 1, ..., 0`;
+/// - `trailing`: `round(arange(num_train_timesteps, 0, -num_train_timesteps / n)) - 1`.
+///
+/// For some `n` (61 of 1000, ...) numpy's `arange` yields one element more, just above 0,
+/// which diffusers turns into a timestep of -1 and then indexes its tables with (reading
+/// the last entry). That bogus final step is left out here, so the schedule always has `n`
+/// timesteps.
+pub fn spaced_timesteps(
+    spacing: TimestepSpacing,
+    num_train_timesteps: usize,
+    num_inference_steps: usize,
+    steps_offset: usize,
+) -> Vec<f64> {
+    let (n_train, n) = (num_train_timesteps, num_inference_steps);
+    match spacing {
+        TimestepSpacing::Linspace => linspace(0.0, (n_train - 1) as f64, n)
+            .into_iter()
+            .rev()
+            .map(np_round)
+            .collect(),
+        TimestepSpacing::Leading => {
+            let ratio = n_train / n;
+            (0..n)
+                .rev()
+                .map(|i| (i * ratio + steps_offset) as f64)
+                .collect()
+        }
+        TimestepSpacing::Trailing => np_arange(n_train as f64, 0.0, -(n_train as f64 / n as f64))
+            .into_iter()
+            .map(|v| np_round(v) - 1.0)
+            .filter(|&t| t >= 0.0)
+            .collect(),
+    }
+}
+
+/// Checks custom timesteps for samplers that index their tables with integer timesteps
+/// (diffusers casts them to `int64`): strictly decreasing, in `[0, num_train_timesteps)`
+/// and whole numbers.
+pub fn check_integer_timesteps(timesteps: &[f64], num_train_timesteps: usize) -> Result<()> {
+    check_custom_timesteps(timesteps, num_train_timesteps)?;
+    if let Some(t) = timesteps.iter().find(|t| t.fract() != 0.0) {
+        return Err(Error::InvalidArgument(format!(
+            "custom timesteps must be whole numbers for this sampler, got {t}"
+        )));
+    }
+    Ok(())
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn spaced_timesteps_match_diffusers() {
+        assert_eq!(
+            spaced_timesteps(TimestepSpacing::Leading, 1000, 10, 1),
+            vec![
+                901.0, 801.0, 701.0, 601.0, 501.0, 401.0, 301.0, 201.0, 101.0, 1.0
+            ]
+        );
+        assert_eq!(
+            spaced_timesteps(TimestepSpacing::Trailing, 1000, 3, 0),
+            vec![999.0, 666.0, 332.0]
+        );
+        assert_eq!(
+            spaced_timesteps(TimestepSpacing::Linspace, 1000, 4, 0),
+            vec![999.0, 666.0, 333.0, 0.0]
+        );
+        // numpy: 19 elements (a naive `while v > 0` loop finds 20); 61: numpy finds 62, the
+        // last being the bogus -1 that is dropped.
+        for n in [19, 48, 61, 103] {
+            let t = spaced_timesteps(TimestepSpacing::Trailing, 1000, n, 0);
+            assert_eq!(t.len(), n, "{n}");
+            assert_eq!(t[0], 999.0);
+        }
+        // np.round(np.arange(1000, 0, -1000/48)) - 1, element 3: numpy's fill rule lands
+        // just below 937.5 (a naive `1000 - 3 * step` gives 937.5, rounding to 938).
+        let t48 = spaced_timesteps(TimestepSpacing::Trailing, 1000, 48, 0);
+        assert_eq!(t48[3], 936.0);
+    }
 
     #[test]
     fn interp_matches_numpy() {

@@ -6,7 +6,8 @@ use diffusion_core::{ConfigMap, Error, NoiseSource, Result, SchedulerTensor};
 use serde::Deserialize;
 
 use crate::common::{
-    check_steps, dynamic_threshold, np_round, PredictionType, TimestepSchedule, TimestepSpacing,
+    PredictionType, TimestepSchedule, TimestepSpacing, check_steps, dynamic_threshold,
+    spaced_timesteps,
 };
 use crate::schedule::{BetaSchedule, NoiseSchedule};
 use crate::scheduler::{Scheduler, StepOutput};
@@ -142,39 +143,6 @@ impl DdimScheduler {
             self.schedule.alphas_cumprod[t as usize]
         } else {
             self.final_alpha_cumprod
-        }
-    }
-}
-
-/// DDIM-style integer timesteps for `timestep_spacing` (diffusers' DDIM/DDPM/PNDM/LCM rule).
-pub(crate) fn spaced_timesteps(
-    spacing: TimestepSpacing,
-    num_train_timesteps: usize,
-    num_inference_steps: usize,
-    steps_offset: usize,
-) -> Vec<f64> {
-    let (n_train, n) = (num_train_timesteps, num_inference_steps);
-    match spacing {
-        TimestepSpacing::Linspace => crate::common::linspace(0.0, (n_train - 1) as f64, n)
-            .into_iter()
-            .rev()
-            .map(np_round)
-            .collect(),
-        TimestepSpacing::Leading => {
-            let ratio = n_train / n;
-            (0..n)
-                .rev()
-                .map(|i| (i * ratio + steps_offset) as f64)
-                .collect()
-        }
-        TimestepSpacing::Trailing => {
-            let ratio = n_train as f64 / n as f64;
-            // np.round(np.arange(n_train, 0, -ratio)) - 1
-            (0..)
-                .map(|i| n_train as f64 - i as f64 * ratio)
-                .take_while(|&v| v > 0.0)
-                .map(|v| np_round(v) - 1.0)
-                .collect()
         }
     }
 }

@@ -38,10 +38,19 @@ use Override::{Bool, Int, Str};
 
 const SHORT_NAMES: &[ShortName] = &[
     ShortName { name: "ddim", class: "DDIMScheduler", overrides: &[] },
+    ShortName { name: "ddpm", class: "DDPMScheduler", overrides: &[] },
+    ShortName { name: "pndm", class: "PNDMScheduler", overrides: &[] },
+    ShortName {
+        name: "plms",
+        class: "PNDMScheduler",
+        overrides: &[("skip_prk_steps", Bool(true))],
+    },
+    ShortName { name: "lcm", class: "LCMScheduler", overrides: &[] },
+    ShortName { name: "tcd", class: "TCDScheduler", overrides: &[] },
 ];
 
 /// The diffusers class names this crate implements.
-pub const CLASS_NAMES: &[&str] = &["DDIMScheduler"];
+pub const CLASS_NAMES: &[&str] = &["DDIMScheduler", "DDPMScheduler", "PNDMScheduler", "LCMScheduler", "TCDScheduler"];
 
 /// Every accepted short name.
 pub fn short_names() -> impl Iterator<Item = &'static str> {
@@ -105,6 +114,10 @@ fn build<T: SchedulerTensor + 'static>(
     use crate::*;
     Ok(match class {
         "DDIMScheduler" => Box::new(DdimScheduler::from_config_map(map)?),
+        "DDPMScheduler" => Box::new(ddpm::DdpmScheduler::from_config_map(map)?),
+        "PNDMScheduler" => Box::new(pndm::PndmScheduler::<T>::from_config_map(map)?),
+        "LCMScheduler" => Box::new(lcm::LcmScheduler::from_config_map(map)?),
+        "TCDScheduler" => Box::new(tcd::TcdScheduler::from_config_map(map)?),
         other => {
             return Err(Error::UnknownScheduler {
                 name: other.to_string(),

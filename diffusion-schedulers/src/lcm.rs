@@ -1,0 +1,502 @@
+//! LCM: Latent Consistency Models (Luo, Tan, Huang, Li & Zhao 2023), as diffusers'
+//! `LCMScheduler`: multistep consistency sampling over the distillation schedule.
+
+use diffusion_core::config::lenient_f64;
+use diffusion_core::{ConfigMap, Error, NoiseSource, Result, SchedulerTensor};
+use serde::Deserialize;
+
+use crate::common::{
+    PredictionType, TimestepSchedule, TimestepSpacing, check_integer_timesteps, dynamic_threshold,
+    index_for_timestep,
+};
+use crate::schedule::{BetaSchedule, NoiseSchedule, check_same_shape};
+use crate::scheduler::{Scheduler, StepOutput};
+
+/// The keys of an `LCMScheduler` `scheduler_config.json`, with diffusers' defaults.
+#[derive(Debug, Clone, PartialEq, Deserialize)]
+#[serde(default)]
+pub struct LcmConfig {
+    /// Training timesteps.
+    pub num_train_timesteps: usize,
+    /// First beta.
+    #[serde(deserialize_with = "lenient_f64")]
+    pub beta_start: f64,
+    /// Last beta.
+    #[serde(deserialize_with = "lenient_f64")]
+    pub beta_end: f64,
+    /// Beta schedule (`sigmoid` is not accepted by diffusers' LCM).
+    pub beta_schedule: BetaSchedule,
+    /// Explicit betas, overriding the schedule.
+    pub trained_betas: Option<Vec<f64>>,
+    /// Length of the distillation schedule the inference timesteps are taken from.
+    pub original_inference_steps: usize,
+    /// Clip the predicted `x0` to `[-clip_sample_range, clip_sample_range]`.
+    pub clip_sample: bool,
+    /// Clip range for `clip_sample`.
+    #[serde(deserialize_with = "lenient_f64")]
+    pub clip_sample_range: f64,
+    /// Use `alpha_bar = 1` after the last step (otherwise `alphas_cumprod[0]`).
+    pub set_alpha_to_one: bool,
+    /// Accepted for compatibility; LCM's timesteps do not use it.
+    pub steps_offset: usize,
+    /// What the model predicts.
+    pub prediction_type: PredictionType,
+    /// Imagen-style dynamic thresholding of `x0`.
+    pub thresholding: bool,
+    /// Quantile used by dynamic thresholding.
+    #[serde(deserialize_with = "lenient_f64")]
+    pub dynamic_thresholding_ratio: f64,
+    /// Upper bound of the dynamic threshold.
+    #[serde(deserialize_with = "lenient_f64")]
+    pub sample_max_value: f64,
+    /// Accepted for compatibility; LCM's timesteps do not use it.
+    pub timestep_spacing: TimestepSpacing,
+    /// Factor applied to the timestep in the boundary-condition scalings.
+    #[serde(deserialize_with = "lenient_f64")]
+    pub timestep_scaling: f64,
+    /// Rescale betas to zero terminal SNR.
+    pub rescale_betas_zero_snr: bool,
+}
+
+impl Default for LcmConfig {
+    fn default() -> Self {
+        Self {
+            num_train_timesteps: 1000,
+            beta_start: 0.00085,
+            beta_end: 0.012,
+            beta_schedule: BetaSchedule::ScaledLinear,
+            trained_betas: None,
+            original_inference_steps: 50,
+            clip_sample: false,
+            clip_sample_range: 1.0,
+            set_alpha_to_one: true,
+            steps_offset: 0,
+            prediction_type: PredictionType::Epsilon,
+            thresholding: false,
+            dynamic_thresholding_ratio: 0.995,
+            sample_max_value: 1.0,
+            timestep_spacing: TimestepSpacing::Leading,
+            timestep_scaling: 10.0,
+            rescale_betas_zero_snr: false,
+        }
+    }
+}
+
+/// Validates the beta schedule of the LCM / TCD family and builds its training schedule.
+pub(crate) fn consistency_schedule(
+    num_train_timesteps: usize,
+    beta_start: f64,
+    beta_end: f64,
+    beta_schedule: BetaSchedule,
+    trained_betas: Option<&[f64]>,
+    rescale_betas_zero_snr: bool,
+    class: &str,
+) -> Result<NoiseSchedule> {
+    if trained_betas.is_none() && beta_schedule == BetaSchedule::Sigmoid {
+        return Err(Error::config(
+            "beta_schedule",
+            format!("sigmoid is not implemented for {class}"),
+        ));
+    }
+    NoiseSchedule::new(
+        num_train_timesteps,
+        beta_start,
+        beta_end,
+        beta_schedule,
+        trained_betas,
+        rescale_betas_zero_snr,
+    )
+}
+
+/// The inference timesteps of LCM and TCD (diffusers' `set_timesteps` of both).
+///
+/// `origin` is the distillation schedule in increasing order; `limit` is the largest
+/// accepted step count (`original_inference_steps`). Custom timesteps are cut by
+/// `strength` from the front; a step count picks evenly spaced entries (`floor(i * L / n)`)
+/// of the reversed origin schedule. Returns the timesteps and the value diffusers stores as
+/// `num_inference_steps` (the length before any `strength` cut).
+pub(crate) fn consistency_timesteps(
+    schedule: TimestepSchedule,
+    origin: &[f64],
+    limit: usize,
+    strength: f64,
+    num_train_timesteps: usize,
+    class: &str,
+) -> Result<(Vec<f64>, usize)> {
+    let (timesteps, num_inference_steps) = match schedule {
+        TimestepSchedule::Timesteps(timesteps) => {
+            check_integer_timesteps(&timesteps, num_train_timesteps)?;
+            let n = timesteps.len();
+            let init = ((n as f64 * strength) as usize).min(n);
+            let t_start = n - init;
+            (timesteps[t_start..].to_vec(), n)
+        }
+        TimestepSchedule::Steps(n) => {
+            if n == 0 {
+                return Err(Error::InvalidArgument(
+                    "num_inference_steps must be at least 1".into(),
+                ));
+            }
+            if n > num_train_timesteps {
+                return Err(Error::InvalidArgument(format!(
+                    "num_inference_steps ({n}) cannot exceed num_train_timesteps ({num_train_timesteps})"
+                )));
+            }
+            if origin.len() / n < 1 {
+                return Err(Error::InvalidArgument(format!(
+                    "the distillation schedule scaled by strength {strength} has {} timesteps, fewer than num_inference_steps ({n})",
+                    origin.len()
+                )));
+            }
+            if n > limit {
+                return Err(Error::InvalidArgument(format!(
+                    "num_inference_steps ({n}) cannot exceed original_inference_steps ({limit})"
+                )));
+            }
+            let len = origin.len();
+            let step = len as f64 / n as f64;
+            let timesteps = (0..n)
+                .map(|i| origin[len - 1 - (i as f64 * step).floor() as usize])
+                .collect();
+            (timesteps, n)
+        }
+        TimestepSchedule::Sigmas(_) => {
+            return Err(Error::Unsupported(format!(
+                "{class} takes a step count or custom timesteps, not sigmas"
+            )));
+        }
+    };
+    if timesteps.is_empty() {
+        return Err(Error::InvalidArgument(format!(
+            "strength {strength} leaves no timesteps to run"
+        )));
+    }
+    if let Some(t) = timesteps
+        .iter()
+        .find(|&&t| !(t >= 0.0 && t < num_train_timesteps as f64))
+    {
+        return Err(Error::InvalidArgument(format!(
+            "strength {strength} puts timestep {t} outside the {num_train_timesteps} training timesteps"
+        )));
+    }
+    Ok((timesteps, num_inference_steps))
+}
+
+/// Checks a `strength` argument (the fraction of the schedule an image-to-image run keeps).
+pub(crate) fn check_strength(strength: f64) -> Result<()> {
+    if !(strength.is_finite() && strength > 0.0) {
+        return Err(Error::InvalidArgument(format!(
+            "strength must be a positive number, got {strength}"
+        )));
+    }
+    Ok(())
+}
+
+/// The LCM sampler.
+///
+/// Each step forms the consistency function `f(x_t, t) = c_skip(t) x_t + c_out(t) x0(x_t)`
+/// with the boundary-condition scalings of Consistency Models (Song et al. 2023, §3 and
+/// Appendix C; `sigma_data = 0.5`, timestep scaled by `timestep_scaling`):
+/// `c_skip = sigma_data^2 / ((s t)^2 + sigma_data^2)`, `c_out = s t / sqrt((s t)^2 + sigma_data^2)`,
+/// then re-noises the result to the next timestep, `x_{t'} = sqrt(abar_{t'}) f + sqrt(1 -
+/// abar_{t'}) z`, as in multistep consistency sampling (Song et al. 2023, Algorithm 1).
+/// The final step returns `f` itself.
+#[derive(Debug, Clone)]
+pub struct LcmScheduler {
+    config: LcmConfig,
+    schedule: NoiseSchedule,
+    final_alpha_cumprod: f64,
+    timesteps: Vec<f64>,
+    num_inference_steps: Option<usize>,
+    custom_timesteps: bool,
+    step_index: Option<usize>,
+    begin_index: Option<usize>,
+}
+
+impl LcmScheduler {
+    /// Builds the sampler from its config, validating it.
+    pub fn new(config: LcmConfig) -> Result<Self> {
+        let schedule = consistency_schedule(
+            config.num_train_timesteps,
+            config.beta_start,
+            config.beta_end,
+            config.beta_schedule,
+            config.trained_betas.as_deref(),
+            config.rescale_betas_zero_snr,
+            "LCMScheduler",
+        )?;
+        if config.original_inference_steps == 0 {
+            return Err(Error::config(
+                "original_inference_steps",
+                "must be at least 1",
+            ));
+        }
+        let final_alpha_cumprod = if config.set_alpha_to_one {
+            1.0
+        } else {
+            schedule.alphas_cumprod[0]
+        };
+        Ok(Self {
+            timesteps: (0..config.num_train_timesteps)
+                .rev()
+                .map(|t| t as f64)
+                .collect(),
+            config,
+            schedule,
+            final_alpha_cumprod,
+            num_inference_steps: None,
+            custom_timesteps: false,
+            step_index: None,
+            begin_index: None,
+        })
+    }
+
+    /// Builds the sampler from a `scheduler_config.json` map (unknown keys ignored).
+    pub fn from_config_map(map: &ConfigMap) -> Result<Self> {
+        Self::new(map.deserialize("LCMScheduler config")?)
+    }
+
+    /// The config in use.
+    pub fn config(&self) -> &LcmConfig {
+        &self.config
+    }
+
+    /// The training noise schedule.
+    pub fn schedule(&self) -> &NoiseSchedule {
+        &self.schedule
+    }
+
+    /// Whether the current timesteps were given explicitly.
+    pub fn custom_timesteps(&self) -> bool {
+        self.custom_timesteps
+    }
+
+    /// The index of the next step, once the first step has run.
+    pub fn step_index(&self) -> Option<usize> {
+        self.step_index
+    }
+
+    /// The v-prediction training target at `timesteps` (Salimans & Ho 2022, §4).
+    pub fn get_velocity<T: SchedulerTensor>(
+        &self,
+        sample: &T,
+        noise: &T,
+        timesteps: &[f64],
+    ) -> Result<T> {
+        self.schedule.get_velocity(sample, noise, timesteps)
+    }
+
+    /// `set_timesteps(n)` of an image-to-image run: the distillation schedule is shortened
+    /// to its first `original_inference_steps * strength` entries before `n` are picked.
+    pub fn set_timesteps_with_strength(
+        &mut self,
+        num_inference_steps: usize,
+        strength: f64,
+    ) -> Result<()> {
+        self.set_timesteps_with(TimestepSchedule::Steps(num_inference_steps), None, strength)
+    }
+
+    /// diffusers' full `set_timesteps(num_inference_steps | timesteps,
+    /// original_inference_steps, strength)`.
+    ///
+    /// The distillation schedule is `k - 1, 2k - 1, ..., floor(S * strength) k - 1` with
+    /// `S = original_inference_steps` (the argument, else the config's) and
+    /// `k = num_train_timesteps // S` (LCM's skipping step).
+    pub fn set_timesteps_with(
+        &mut self,
+        schedule: TimestepSchedule,
+        original_inference_steps: Option<usize>,
+        strength: f64,
+    ) -> Result<()> {
+        check_strength(strength)?;
+        let n_train = self.config.num_train_timesteps;
+        let original_steps =
+            original_inference_steps.unwrap_or(self.config.original_inference_steps);
+        if original_steps == 0 || original_steps > n_train {
+            return Err(Error::InvalidArgument(format!(
+                "original_inference_steps ({original_steps}) must lie in [1, {n_train}]"
+            )));
+        }
+        let k = n_train / original_steps;
+        let count = (original_steps as f64 * strength) as usize;
+        let origin: Vec<f64> = (1..=count).map(|i| (i * k) as f64 - 1.0).collect();
+        let custom = matches!(schedule, TimestepSchedule::Timesteps(_));
+        let (timesteps, n) = consistency_timesteps(
+            schedule,
+            &origin,
+            original_steps,
+            strength,
+            n_train,
+            "LCMScheduler",
+        )?;
+        self.timesteps = timesteps;
+        self.num_inference_steps = Some(n);
+        self.custom_timesteps = custom;
+        self.step_index = None;
+        self.begin_index = None;
+        Ok(())
+    }
+
+    /// The boundary-condition scalings `(c_skip, c_out)` at timestep `t`.
+    pub fn scalings_for_boundary_condition(&self, t: f64) -> (f64, f64) {
+        let sigma_data: f64 = 0.5;
+        let scaled = t * self.config.timestep_scaling;
+        let denom = scaled * scaled + sigma_data * sigma_data;
+        (sigma_data * sigma_data / denom, scaled / denom.sqrt())
+    }
+}
+
+impl<T: SchedulerTensor> Scheduler<T> for LcmScheduler {
+    fn name(&self) -> &str {
+        "LCMScheduler"
+    }
+
+    fn num_train_timesteps(&self) -> usize {
+        self.config.num_train_timesteps
+    }
+
+    fn set_timestep_schedule(&mut self, schedule: TimestepSchedule) -> Result<()> {
+        self.set_timesteps_with(schedule, None, 1.0)
+    }
+
+    fn timesteps(&self) -> &[f64] {
+        &self.timesteps
+    }
+
+    fn step(
+        &mut self,
+        model_output: &T,
+        timestep: f64,
+        sample: &T,
+        noise: &mut dyn NoiseSource,
+    ) -> Result<StepOutput<T>> {
+        let num_inference_steps = self
+            .num_inference_steps
+            .ok_or_else(|| Error::InvalidState("call set_timesteps before step".into()))?;
+        check_same_shape(model_output, sample)?;
+        let step_index = match self.step_index {
+            Some(i) => i,
+            None => self
+                .begin_index
+                .map_or_else(|| index_for_timestep(&self.timesteps, timestep), Ok)?,
+        };
+        let c = &self.config;
+        // 1. the next timestep (the current one again after the last)
+        let prev_timestep = self
+            .timesteps
+            .get(step_index + 1)
+            .copied()
+            .unwrap_or(timestep);
+        // 2. alphas and betas
+        let alpha_prod_t = self.schedule.alpha_bar(timestep)?;
+        let alpha_prod_t_prev = if prev_timestep >= 0.0 {
+            self.schedule.alpha_bar(prev_timestep)?
+        } else {
+            self.final_alpha_cumprod
+        };
+        let (a, s) = (alpha_prod_t.sqrt(), (1.0 - alpha_prod_t).sqrt());
+        // 3. boundary-condition scalings
+        let (c_skip, c_out) = self.scalings_for_boundary_condition(timestep.round());
+        // 4. predicted x0
+        let mut pred_x0 = match c.prediction_type {
+            PredictionType::Epsilon => T::lincomb(&[(1.0 / a, sample), (-s / a, model_output)]),
+            PredictionType::Sample => model_output.clone(),
+            PredictionType::VPrediction => T::lincomb(&[(a, sample), (-s, model_output)]),
+        };
+        // 5. clip or threshold x0
+        if c.thresholding {
+            pred_x0 = dynamic_threshold(&pred_x0, c.dynamic_thresholding_ratio, c.sample_max_value);
+        } else if c.clip_sample {
+            pred_x0 = pred_x0.clamp(-c.clip_sample_range, c.clip_sample_range);
+        }
+        // 6. the consistency function f(x_t, t)
+        let denoised = T::lincomb(&[(c_out, &pred_x0), (c_skip, sample)]);
+        // 7. re-noise to the next timestep, except on the last step
+        let prev_sample = if step_index + 1 != num_inference_steps {
+            let z = model_output.noise_like(noise)?;
+            T::lincomb(&[
+                (alpha_prod_t_prev.sqrt(), &denoised),
+                ((1.0 - alpha_prod_t_prev).sqrt(), &z),
+            ])
+        } else {
+            denoised.clone()
+        };
+        self.step_index = Some(step_index + 1);
+        Ok(StepOutput {
+            prev_sample,
+            pred_original_sample: Some(denoised),
+        })
+    }
+
+    fn add_noise(&self, original_samples: &T, noise: &T, timesteps: &[f64]) -> Result<T> {
+        self.schedule.add_noise(original_samples, noise, timesteps)
+    }
+
+    fn set_begin_index(&mut self, begin_index: usize) {
+        self.begin_index = Some(begin_index);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use diffusion_core::{FixedNoise, HostTensor, NoNoise};
+
+    fn lcm() -> LcmScheduler {
+        LcmScheduler::new(LcmConfig::default()).unwrap()
+    }
+
+    fn ts(v: &[i64]) -> Vec<f64> {
+        v.iter().map(|&t| t as f64).collect()
+    }
+
+    /// `scheduler.timesteps` printed by diffusers 0.42.1.
+    #[test]
+    fn timesteps_match_diffusers() {
+        let mut s = lcm();
+        Scheduler::<HostTensor>::set_timesteps(&mut s, 4).unwrap();
+        assert_eq!(
+            Scheduler::<HostTensor>::timesteps(&s),
+            &ts(&[999, 759, 499, 259])[..]
+        );
+        s.set_timesteps_with_strength(4, 0.5).unwrap();
+        assert_eq!(
+            Scheduler::<HostTensor>::timesteps(&s),
+            &ts(&[499, 379, 259, 139])[..]
+        );
+        s.set_timesteps_with(TimestepSchedule::Steps(3), Some(20), 1.0)
+            .unwrap();
+        assert_eq!(
+            Scheduler::<HostTensor>::timesteps(&s),
+            &ts(&[999, 699, 349])[..]
+        );
+        let custom = TimestepSchedule::Timesteps(ts(&[999, 499, 259, 19]));
+        s.set_timesteps_with(custom, None, 0.5).unwrap();
+        assert_eq!(Scheduler::<HostTensor>::timesteps(&s), &ts(&[259, 19])[..]);
+        assert!(Scheduler::<HostTensor>::set_timesteps(&mut s, 51).is_err());
+        assert!(s.set_timesteps_with_strength(30, 0.5).is_err());
+        assert!(s.set_timesteps_with_strength(4, 0.0).is_err());
+    }
+
+    #[test]
+    fn noise_is_drawn_on_every_step_but_the_last() {
+        let mut s = lcm();
+        Scheduler::<HostTensor>::set_timesteps(&mut s, 2).unwrap();
+        let x = HostTensor::new(vec![0.5, -0.5], vec![1, 2]).unwrap();
+        let eps = x.scale(0.1);
+        let mut noise = FixedNoise::new(vec![vec![1.0, 1.0]]);
+        let t = Scheduler::<HostTensor>::timesteps(&s).to_vec();
+        let out = s.step(&eps, t[0], &x, &mut noise).unwrap();
+        assert_eq!(noise.remaining(), 0);
+        let last = s.step(&eps, t[1], &out.prev_sample, &mut NoNoise).unwrap();
+        assert_eq!(Some(last.prev_sample), last.pred_original_sample);
+    }
+
+    #[test]
+    fn boundary_condition_at_zero_is_identity() {
+        let s = lcm();
+        assert_eq!(s.scalings_for_boundary_condition(0.0), (1.0, 0.0));
+        let (c_skip, c_out) = s.scalings_for_boundary_condition(999.0);
+        assert!(c_skip < 1e-7 && (c_out - 1.0).abs() < 1e-7);
+    }
+}
