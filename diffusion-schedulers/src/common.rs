@@ -299,7 +299,7 @@ fn quantile_sorted(sorted: &[f64], q: f64) -> f64 {
 /// rounding quirks (an extra element close to `stop`) match numpy.
 pub fn np_arange(start: f64, stop: f64, step: f64) -> Vec<f64> {
     let len = ((stop - start) / step).ceil();
-    if !(len > 0.0) {
+    if len.is_nan() || len <= 0.0 {
         return Vec::new();
     }
     let len = len as usize;

@@ -47,10 +47,27 @@ const SHORT_NAMES: &[ShortName] = &[
     },
     ShortName { name: "lcm", class: "LCMScheduler", overrides: &[] },
     ShortName { name: "tcd", class: "TCDScheduler", overrides: &[] },
+    ShortName { name: "unipc", class: "UniPCMultistepScheduler", overrides: &[] },
+    ShortName {
+        name: "unipc-karras",
+        class: "UniPCMultistepScheduler",
+        overrides: &[("use_karras_sigmas", Bool(true))],
+    },
+    ShortName {
+        name: "unipc-bh1",
+        class: "UniPCMultistepScheduler",
+        overrides: &[("solver_type", Str("bh1"))],
+    },
+    ShortName { name: "deis", class: "DEISMultistepScheduler", overrides: &[] },
+    ShortName {
+        name: "deis-karras",
+        class: "DEISMultistepScheduler",
+        overrides: &[("use_karras_sigmas", Bool(true))],
+    },
 ];
 
 /// The diffusers class names this crate implements.
-pub const CLASS_NAMES: &[&str] = &["DDIMScheduler", "DDPMScheduler", "PNDMScheduler", "LCMScheduler", "TCDScheduler"];
+pub const CLASS_NAMES: &[&str] = &["DDIMScheduler", "DDPMScheduler", "PNDMScheduler", "LCMScheduler", "TCDScheduler", "UniPCMultistepScheduler", "DEISMultistepScheduler"];
 
 /// Every accepted short name.
 pub fn short_names() -> impl Iterator<Item = &'static str> {
@@ -118,6 +135,12 @@ fn build<T: SchedulerTensor + 'static>(
         "PNDMScheduler" => Box::new(pndm::PndmScheduler::<T>::from_config_map(map)?),
         "LCMScheduler" => Box::new(lcm::LcmScheduler::from_config_map(map)?),
         "TCDScheduler" => Box::new(tcd::TcdScheduler::from_config_map(map)?),
+        "UniPCMultistepScheduler" => {
+            Box::new(unipc::UniPcMultistepScheduler::<T>::from_config_map(map)?)
+        }
+        "DEISMultistepScheduler" => {
+            Box::new(deis::DeisMultistepScheduler::<T>::from_config_map(map)?)
+        }
         other => {
             return Err(Error::UnknownScheduler {
                 name: other.to_string(),

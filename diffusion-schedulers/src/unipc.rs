@@ -1,0 +1,828 @@
+//! UniPC: a unified predictor-corrector framework for fast sampling of diffusion models
+//! (Zhao, Bai, Rao, Zhou & Lu 2023, "UniPC: A Unified Predictor-Corrector Framework for Fast
+//! Sampling of Diffusion Models"), as diffusers' `UniPCMultistepScheduler`.
+//!
+//! Notation (as in DPM-Solver): a variance-preserving sample is `x_t = alpha_t x0 + sigma_t
+//! eps`, `lambda_t = ln(alpha_t / sigma_t)`, and a step from `s` to `t` has length
+//! `h = lambda_t - lambda_s`. The sampler keeps a table of noise levels
+//! `sigma = sigma_t / alpha_t` (built by the shared VP helpers of [`crate::common`]).
+//!
+//! Each `step` first *corrects* the sample it is given with UniC (using the model output just
+//! evaluated at it), then *predicts* the next sample with UniP from the stored outputs.
+
+use diffusion_core::config::{lenient_f64, lenient_opt_f64};
+use diffusion_core::{ConfigMap, Error, NoiseSource, Result, SchedulerTensor};
+use serde::Deserialize;
+use serde_json::Value;
+
+use crate::common::{
+    FinalSigmasType, PredictionType, SigmaSpacing, TimestepSchedule, TimestepSpacing, check_steps,
+    dynamic_threshold, index_for_timestep, multistep_timesteps, vp_alpha_sigma,
+    vp_inference_sigmas, vp_lambda, vp_pred_eps, vp_pred_x0,
+};
+use crate::schedule::{BetaSchedule, NoiseSchedule, check_same_shape};
+use crate::scheduler::{Scheduler, StepOutput};
+
+/// The `solver_type` key: the choice of `B(h)` in the UniPC update (Zhao et al. 2023, §3.2).
+///
+/// diffusers replaces the DPM-Solver / DEIS names `midpoint`, `heun` and `logrho` by `bh2`,
+/// so they are accepted here too.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Default)]
+pub enum UniPcSolverType {
+    /// `B(h) = h` (recommended for unconditional sampling with fewer than 10 steps).
+    #[serde(rename = "bh1")]
+    Bh1,
+    /// `B(h) = e^h - 1`.
+    #[default]
+    #[serde(rename = "bh2", alias = "midpoint", alias = "heun", alias = "logrho")]
+    Bh2,
+}
+
+/// The keys of a `UniPCMultistepScheduler` `scheduler_config.json`, with diffusers' defaults.
+#[derive(Debug, Clone, PartialEq, Deserialize)]
+#[serde(default)]
+pub struct UniPcConfig {
+    /// Training timesteps.
+    pub num_train_timesteps: usize,
+    /// First beta.
+    #[serde(deserialize_with = "lenient_f64")]
+    pub beta_start: f64,
+    /// Last beta.
+    #[serde(deserialize_with = "lenient_f64")]
+    pub beta_end: f64,
+    /// Beta schedule (`linear`, `scaled_linear` or `squaredcos_cap_v2`).
+    pub beta_schedule: BetaSchedule,
+    /// Explicit betas, overriding the schedule.
+    pub trained_betas: Option<Vec<f64>>,
+    /// Order `p` of UniPC (any positive integer; the corrector raises the accuracy to `p + 1`).
+    pub solver_order: usize,
+    /// What the model predicts.
+    pub prediction_type: PredictionType,
+    /// Imagen-style dynamic thresholding of the predicted `x0` (with `predict_x0` only).
+    pub thresholding: bool,
+    /// Quantile used by dynamic thresholding.
+    #[serde(deserialize_with = "lenient_f64")]
+    pub dynamic_thresholding_ratio: f64,
+    /// Upper bound of the dynamic threshold.
+    #[serde(deserialize_with = "lenient_f64")]
+    pub sample_max_value: f64,
+    /// Integrate the data prediction `x0` (UniPC with DPM-Solver++'s parametrisation);
+    /// otherwise the noise prediction.
+    pub predict_x0: bool,
+    /// `B(h)` of the update.
+    pub solver_type: UniPcSolverType,
+    /// Lower the order over the last steps (stabilises runs of fewer than 15 steps).
+    pub lower_order_final: bool,
+    /// Step indices whose *following* step skips the corrector (diffusers checks
+    /// `step_index - 1` against this list).
+    pub disable_corrector: Vec<i64>,
+    /// Another scheduler used as predictor (`solver_p + UniC`); not supported, must be null.
+    pub solver_p: Option<Value>,
+    /// Karras et al. 2022 noise levels.
+    pub use_karras_sigmas: bool,
+    /// Noise levels evenly spaced in log space.
+    pub use_exponential_sigmas: bool,
+    /// Beta-distribution noise levels (Lee et al. 2024).
+    pub use_beta_sigmas: bool,
+    /// Flow-matching sigmas; not supported (must be false).
+    pub use_flow_sigmas: bool,
+    /// Flow-matching shift; only the default 1.0 is accepted.
+    #[serde(deserialize_with = "lenient_f64")]
+    pub flow_shift: f64,
+    /// How inference timesteps are placed.
+    pub timestep_spacing: TimestepSpacing,
+    /// Added to every timestep with `leading` spacing.
+    pub steps_offset: usize,
+    /// The noise level after the last step.
+    pub final_sigmas_type: FinalSigmasType,
+    /// Rescale betas to zero terminal SNR (the last `alpha_bar` becomes `2^-24`, as diffusers).
+    pub rescale_betas_zero_snr: bool,
+    /// Flow-matching dynamic shifting; not supported (must be false).
+    pub use_dynamic_shifting: bool,
+    /// Flow-matching time shift; only `"exponential"` (the default, unused) is accepted.
+    pub time_shift_type: String,
+    /// Smallest noise level of the Karras / exponential / beta schedules (default: the
+    /// smallest training sigma).
+    #[serde(deserialize_with = "lenient_opt_f64")]
+    pub sigma_min: Option<f64>,
+    /// Largest noise level of the Karras / exponential / beta schedules (default: the
+    /// largest training sigma).
+    #[serde(deserialize_with = "lenient_opt_f64")]
+    pub sigma_max: Option<f64>,
+    /// Flow-matching terminal shift; not supported (must be null).
+    #[serde(deserialize_with = "lenient_opt_f64")]
+    pub shift_terminal: Option<f64>,
+}
+
+impl Default for UniPcConfig {
+    fn default() -> Self {
+        Self {
+            num_train_timesteps: 1000,
+            beta_start: 0.0001,
+            beta_end: 0.02,
+            beta_schedule: BetaSchedule::Linear,
+            trained_betas: None,
+            solver_order: 2,
+            prediction_type: PredictionType::Epsilon,
+            thresholding: false,
+            dynamic_thresholding_ratio: 0.995,
+            sample_max_value: 1.0,
+            predict_x0: true,
+            solver_type: UniPcSolverType::Bh2,
+            lower_order_final: true,
+            disable_corrector: Vec::new(),
+            solver_p: None,
+            use_karras_sigmas: false,
+            use_exponential_sigmas: false,
+            use_beta_sigmas: false,
+            use_flow_sigmas: false,
+            flow_shift: 1.0,
+            timestep_spacing: TimestepSpacing::Linspace,
+            steps_offset: 0,
+            final_sigmas_type: FinalSigmasType::Zero,
+            rescale_betas_zero_snr: false,
+            use_dynamic_shifting: false,
+            time_shift_type: "exponential".into(),
+            sigma_min: None,
+            sigma_max: None,
+            shift_terminal: None,
+        }
+    }
+}
+
+/// Rejects the flow-matching keys diffusers' VP multistep samplers carry but this crate does
+/// not implement for them, unless they hold their defaults.
+pub(crate) fn reject_flow_keys(
+    class: &str,
+    use_flow_sigmas: bool,
+    flow_shift: f64,
+    use_dynamic_shifting: bool,
+    time_shift_type: &str,
+) -> Result<()> {
+    let unsupported = |key: &str| {
+        Err(Error::Unsupported(format!(
+            "{class}: `{key}` (flow-matching sigmas) is not supported; use a flow-matching scheduler"
+        )))
+    };
+    if use_flow_sigmas {
+        return unsupported("use_flow_sigmas");
+    }
+    if flow_shift != 1.0 {
+        return unsupported("flow_shift");
+    }
+    if use_dynamic_shifting {
+        return unsupported("use_dynamic_shifting");
+    }
+    if time_shift_type != "exponential" {
+        return unsupported("time_shift_type");
+    }
+    Ok(())
+}
+
+/// Builds the training schedule of a VP multistep sampler, rejecting the `sigmoid` schedule
+/// that diffusers' DPM-Solver / UniPC / DEIS do not implement.
+pub(crate) fn vp_noise_schedule(
+    class: &str,
+    num_train_timesteps: usize,
+    beta_start: f64,
+    beta_end: f64,
+    beta_schedule: BetaSchedule,
+    trained_betas: Option<&[f64]>,
+    rescale_betas_zero_snr: bool,
+) -> Result<NoiseSchedule> {
+    if beta_schedule == BetaSchedule::Sigmoid && trained_betas.is_none() {
+        return Err(Error::config(
+            "beta_schedule",
+            format!("`sigmoid` is not implemented for {class}"),
+        ));
+    }
+    NoiseSchedule::new(
+        num_train_timesteps,
+        beta_start,
+        beta_end,
+        beta_schedule,
+        trained_betas,
+        rescale_betas_zero_snr,
+    )
+}
+
+/// Solves `a x = b` for a small dense square system by Gaussian elimination with partial
+/// pivoting (what `torch.linalg.solve` computes for UniPC's Vandermonde-like systems).
+pub(crate) fn solve_linear(mut a: Vec<Vec<f64>>, mut b: Vec<f64>) -> Result<Vec<f64>> {
+    let n = b.len();
+    debug_assert!(a.len() == n && a.iter().all(|row| row.len() == n));
+    for col in 0..n {
+        let pivot = (col..n)
+            .max_by(|&i, &j| a[i][col].abs().total_cmp(&a[j][col].abs()))
+            .expect("non-empty pivot range");
+        let p = a[pivot][col];
+        if p == 0.0 || !p.is_finite() {
+            return Err(Error::InvalidState(format!(
+                "singular {n}x{n} system in the UniPC coefficients (repeated noise levels?)"
+            )));
+        }
+        a.swap(col, pivot);
+        b.swap(col, pivot);
+        let (upper, lower) = a.split_at_mut(col + 1);
+        let pivot_row = &upper[col];
+        for (r, row) in lower.iter_mut().enumerate() {
+            let f = row[col] / pivot_row[col];
+            if f != 0.0 {
+                for (x, p) in row[col..].iter_mut().zip(&pivot_row[col..]) {
+                    *x -= f * p;
+                }
+                b[col + 1 + r] -= f * b[col];
+            }
+        }
+    }
+    let mut x = vec![0.0; n];
+    for row in (0..n).rev() {
+        let s: f64 = (row + 1..n).map(|k| a[row][k] * x[k]).sum();
+        x[row] = (b[row] - s) / a[row][row];
+    }
+    Ok(x)
+}
+
+/// The coefficients of one UniP / UniC update of order `order` over step length `h`.
+struct BhCoefficients {
+    /// `hh = -h` (data prediction) or `h` (noise prediction).
+    h_phi_1: f64,
+    /// `B(h)`.
+    b_h: f64,
+    /// `r_k = (lambda_{s_k} - lambda_{s_0}) / h` for the `order - 1` earlier outputs, then 1.
+    rks: Vec<f64>,
+    /// Right-hand side `b_i = h phi_{i+1}(h) i! / B(h)` (Zhao et al. 2023, eq. 8).
+    b: Vec<f64>,
+}
+
+impl BhCoefficients {
+    fn new(
+        solver_type: UniPcSolverType,
+        predict_x0: bool,
+        h: f64,
+        mut rks: Vec<f64>,
+        order: usize,
+    ) -> Self {
+        rks.push(1.0);
+        let hh = if predict_x0 { -h } else { h };
+        let h_phi_1 = hh.exp_m1();
+        let mut h_phi_k = h_phi_1 / hh - 1.0;
+        let b_h = match solver_type {
+            UniPcSolverType::Bh1 => hh,
+            UniPcSolverType::Bh2 => hh.exp_m1(),
+        };
+        let mut factorial = 1.0;
+        let mut b = Vec::with_capacity(order);
+        for i in 1..=order {
+            b.push(h_phi_k * factorial / b_h);
+            factorial *= (i + 1) as f64;
+            h_phi_k = h_phi_k / hh - 1.0 / factorial;
+        }
+        Self {
+            h_phi_1,
+            b_h,
+            rks,
+            b,
+        }
+    }
+
+    /// `R[i][j] = r_j^i`, restricted to its leading `m x m` block.
+    fn r_matrix(&self, m: usize) -> Vec<Vec<f64>> {
+        (0..m)
+            .map(|i| self.rks[..m].iter().map(|r| r.powi(i as i32)).collect())
+            .collect()
+    }
+}
+
+/// UniPC multistep sampler (UniP predictor + UniC corrector, B(h) variants).
+///
+/// With `predict_x0` (the default) the model output is converted to `x0` and the predictor
+/// of order `p` is (Zhao et al. 2023, Algorithm 2, eq. 8 with DPM-Solver++'s data
+/// parametrisation, `hh = -h`):
+///
+/// `x_t = (sigma_t / sigma_s) x_s - alpha_t (e^hh - 1) m_0 - alpha_t B(h) sum_k a_k D_k`,
+/// `D_k = (m_k - m_0) / r_k`,
+///
+/// with `a` solving `R_{p-1} a = b_{p-1}` (`a = 1/2` for `p = 2`). The corrector recomputes
+/// the previous update with the fresh output `m_t` included (`D_t = m_t - m_0`, `r = 1`),
+/// solving the full `p x p` system (`1/2` for `p = 1`). Without `predict_x0` the same update
+/// runs on the noise prediction, with `alpha` and `sigma` exchanged.
+#[derive(Debug, Clone)]
+pub struct UniPcMultistepScheduler<T> {
+    config: UniPcConfig,
+    schedule: NoiseSchedule,
+    alphas_cumprod: Vec<f64>,
+    spacing: SigmaSpacing,
+    timesteps: Vec<f64>,
+    sigmas: Vec<f64>,
+    model_outputs: Vec<Option<T>>,
+    lower_order_nums: usize,
+    last_sample: Option<T>,
+    this_order: usize,
+    step_index: Option<usize>,
+    begin_index: Option<usize>,
+}
+
+impl<T: SchedulerTensor> UniPcMultistepScheduler<T> {
+    /// Builds the sampler from its config, validating it.
+    pub fn new(config: UniPcConfig) -> Result<Self> {
+        const CLASS: &str = "UniPCMultistepScheduler";
+        if config.solver_order == 0 {
+            return Err(Error::config("solver_order", "must be at least 1"));
+        }
+        if config.solver_p.as_ref().is_some_and(|v| !v.is_null()) {
+            return Err(Error::Unsupported(format!(
+                "{CLASS}: `solver_p` (another scheduler as predictor) is not supported"
+            )));
+        }
+        reject_flow_keys(
+            CLASS,
+            config.use_flow_sigmas,
+            config.flow_shift,
+            config.use_dynamic_shifting,
+            &config.time_shift_type,
+        )?;
+        if config.shift_terminal.is_some() {
+            return Err(Error::Unsupported(format!(
+                "{CLASS}: `shift_terminal` needs flow-matching sigmas, which are not supported"
+            )));
+        }
+        for (key, value) in [
+            ("sigma_min", config.sigma_min),
+            ("sigma_max", config.sigma_max),
+        ] {
+            if let Some(v) = value
+                && !(v.is_finite() && v > 0.0)
+            {
+                return Err(Error::config(
+                    key,
+                    format!("must be finite and positive, got {v}"),
+                ));
+            }
+        }
+        let spacing = SigmaSpacing::from_flags(
+            config.use_karras_sigmas,
+            config.use_exponential_sigmas,
+            config.use_beta_sigmas,
+        )?;
+        let schedule = vp_noise_schedule(
+            CLASS,
+            config.num_train_timesteps,
+            config.beta_start,
+            config.beta_end,
+            config.beta_schedule,
+            config.trained_betas.as_deref(),
+            config.rescale_betas_zero_snr,
+        )?;
+        let mut alphas_cumprod = schedule.alphas_cumprod.clone();
+        if config.rescale_betas_zero_snr {
+            // Close to zero without being zero, so the first sigma stays finite.
+            *alphas_cumprod.last_mut().expect("validated schedule") = 2f64.powi(-24);
+        }
+        let model_outputs = vec![None; config.solver_order];
+        Ok(Self {
+            config,
+            schedule,
+            alphas_cumprod,
+            spacing,
+            timesteps: Vec::new(),
+            sigmas: Vec::new(),
+            model_outputs,
+            lower_order_nums: 0,
+            last_sample: None,
+            this_order: 1,
+            step_index: None,
+            begin_index: None,
+        })
+    }
+
+    /// Builds the sampler from a `scheduler_config.json` map (unknown keys ignored).
+    pub fn from_config_map(map: &ConfigMap) -> Result<Self> {
+        Self::new(map.deserialize("UniPCMultistepScheduler config")?)
+    }
+
+    /// The config in use.
+    pub fn config(&self) -> &UniPcConfig {
+        &self.config
+    }
+
+    /// The training noise schedule.
+    pub fn schedule(&self) -> &NoiseSchedule {
+        &self.schedule
+    }
+
+    /// Index of the next step in the schedule, once the run has started.
+    pub fn step_index(&self) -> Option<usize> {
+        self.step_index
+    }
+
+    fn convert_model_output(&self, model_output: &T, sample: &T, sigma: f64) -> T {
+        let (alpha_t, sigma_t) = vp_alpha_sigma(sigma);
+        let c = &self.config;
+        if c.predict_x0 {
+            let x0 = vp_pred_x0(c.prediction_type, model_output, sample, alpha_t, sigma_t);
+            if c.thresholding {
+                dynamic_threshold(&x0, c.dynamic_thresholding_ratio, c.sample_max_value)
+            } else {
+                x0
+            }
+        } else {
+            vp_pred_eps(c.prediction_type, model_output, sample, alpha_t, sigma_t)
+        }
+    }
+
+    /// `(alpha, sigma)` pair the update is written in: `(alpha_t, sigma_t)` for the data
+    /// prediction, exchanged for the noise prediction.
+    fn update_scales(&self, sigma: f64) -> (f64, f64) {
+        let (alpha_t, sigma_t) = vp_alpha_sigma(sigma);
+        if self.config.predict_x0 {
+            (alpha_t, sigma_t)
+        } else {
+            (sigma_t, alpha_t)
+        }
+    }
+
+    /// One UniP step (Zhao et al. 2023, Algorithm 2 / eq. 8, predictor part) from `sample` at
+    /// `sigmas[i]` to `sigmas[i + 1]`, using the last `order` stored outputs.
+    fn uni_p_update(&self, sample: &T, i: usize, order: usize) -> Result<T> {
+        let outputs = self.stored_outputs(order)?;
+        let m0 = outputs[0];
+        let (sigma_t, sigma_s0) = (self.sigmas[i + 1], self.sigmas[i]);
+        let lambda_s0 = vp_lambda(sigma_s0);
+        let h = vp_lambda(sigma_t) - lambda_s0;
+        let rks: Vec<f64> = (1..order)
+            .map(|k| (vp_lambda(self.sigmas[i - k]) - lambda_s0) / h)
+            .collect();
+        let co = BhCoefficients::new(
+            self.config.solver_type,
+            self.config.predict_x0,
+            h,
+            rks,
+            order,
+        );
+        let rhos: Vec<f64> = match order {
+            1 => Vec::new(),
+            2 => vec![0.5],
+            _ => solve_linear(co.r_matrix(order - 1), co.b[..order - 1].to_vec())?,
+        };
+        let (scale_t, other_t) = self.update_scales(sigma_t);
+        let (scale_s0, other_s0) = self.update_scales(sigma_s0);
+        // x_t = (other_t / other_s0) x - scale_t h_phi_1 m0 - scale_t B(h) sum_k rho_k (m_k - m0) / r_k
+        let mut m0_coef = if h.is_finite() {
+            -scale_t * co.h_phi_1
+        } else {
+            // A step to sigma = 0: `scale_t h_phi_1` is `0 * inf` for the noise prediction
+            // (diffusers returns NaN there); its limit `other_t scale_s0 / other_s0 - scale_t`
+            // is the same expression evaluated exactly (the DDIM step to x0).
+            scale_t - other_t * scale_s0 / other_s0
+        };
+        let mut terms = Vec::with_capacity(order + 1);
+        terms.push((other_t / other_s0, sample));
+        for (k, rho) in rhos.iter().enumerate() {
+            let c = -scale_t * co.b_h * rho / co.rks[k];
+            m0_coef -= c;
+            terms.push((c, outputs[k + 1]));
+        }
+        terms.push((m0_coef, m0));
+        Ok(T::lincomb(&terms))
+    }
+
+    /// One UniC step (Zhao et al. 2023, Algorithm 2, corrector part): redoes the update from
+    /// `last_sample` at `sigmas[i - 1]` to `sigmas[i]` with the fresh output `model_t` there.
+    fn uni_c_update(&self, model_t: &T, last_sample: &T, i: usize, order: usize) -> Result<T> {
+        let outputs = self.stored_outputs(order)?;
+        let m0 = outputs[0];
+        let (sigma_t, sigma_s0) = (self.sigmas[i], self.sigmas[i - 1]);
+        let lambda_s0 = vp_lambda(sigma_s0);
+        let h = vp_lambda(sigma_t) - lambda_s0;
+        let rks: Vec<f64> = (1..order)
+            .map(|k| (vp_lambda(self.sigmas[i - 1 - k]) - lambda_s0) / h)
+            .collect();
+        let co = BhCoefficients::new(
+            self.config.solver_type,
+            self.config.predict_x0,
+            h,
+            rks,
+            order,
+        );
+        let rhos = if order == 1 {
+            vec![0.5]
+        } else {
+            solve_linear(co.r_matrix(order), co.b.clone())?
+        };
+        let (scale_t, other_t) = self.update_scales(sigma_t);
+        let (_, other_s0) = self.update_scales(sigma_s0);
+        let mut m0_coef = -scale_t * co.h_phi_1;
+        let mut terms = Vec::with_capacity(order + 2);
+        terms.push((other_t / other_s0, last_sample));
+        for (k, rho) in rhos[..order - 1].iter().enumerate() {
+            let c = -scale_t * co.b_h * rho / co.rks[k];
+            m0_coef -= c;
+            terms.push((c, outputs[k + 1]));
+        }
+        // D1_t = model_t - m0, weighted by the last rho.
+        let c_t = -scale_t * co.b_h * rhos[order - 1];
+        m0_coef -= c_t;
+        terms.push((c_t, model_t));
+        terms.push((m0_coef, m0));
+        Ok(T::lincomb(&terms))
+    }
+
+    /// The last `order` stored model outputs, newest first.
+    fn stored_outputs(&self, order: usize) -> Result<Vec<&T>> {
+        self.model_outputs
+            .iter()
+            .rev()
+            .take(order)
+            .map(|m| {
+                m.as_ref().ok_or_else(|| {
+                    Error::InvalidState("UniPC: missing an earlier model output".into())
+                })
+            })
+            .collect()
+    }
+}
+
+impl<T: SchedulerTensor> Scheduler<T> for UniPcMultistepScheduler<T> {
+    fn name(&self) -> &str {
+        "UniPCMultistepScheduler"
+    }
+
+    fn num_train_timesteps(&self) -> usize {
+        self.config.num_train_timesteps
+    }
+
+    fn set_timestep_schedule(&mut self, schedule: TimestepSchedule) -> Result<()> {
+        let n =
+            match schedule {
+                TimestepSchedule::Steps(n) => n,
+                TimestepSchedule::Timesteps(_) => {
+                    return Err(Error::Unsupported(
+                        "UniPCMultistepScheduler does not take custom timesteps".into(),
+                    ));
+                }
+                TimestepSchedule::Sigmas(_) => return Err(Error::Unsupported(
+                    "UniPCMultistepScheduler takes custom sigmas only with flow-matching sigmas, \
+                     which are not supported"
+                        .into(),
+                )),
+            };
+        let c = &self.config;
+        check_steps(n, c.num_train_timesteps)?;
+        let spaced = multistep_timesteps(
+            c.timestep_spacing,
+            c.num_train_timesteps,
+            c.num_train_timesteps,
+            n,
+            c.steps_offset,
+        );
+        let table = vp_inference_sigmas(
+            &self.alphas_cumprod,
+            &spaced,
+            n,
+            self.spacing,
+            c.sigma_min,
+            c.sigma_max,
+            true,
+        );
+        let mut sigmas = table.sigmas;
+        let sigma_last = match (c.final_sigmas_type, self.spacing) {
+            (FinalSigmasType::Zero, _) => 0.0,
+            // the respaced schedules end on their own smallest sigma
+            (
+                FinalSigmasType::SigmaMin,
+                SigmaSpacing::Karras | SigmaSpacing::Exponential | SigmaSpacing::Beta,
+            ) => *sigmas.last().expect("at least one step"),
+            (FinalSigmasType::SigmaMin, SigmaSpacing::Timesteps) => {
+                let a0 = self.alphas_cumprod[0];
+                ((1.0 - a0) / a0).sqrt()
+            }
+        };
+        sigmas.push(sigma_last);
+        self.timesteps = table.timesteps;
+        self.sigmas = sigmas;
+        self.model_outputs = vec![None; c.solver_order];
+        self.lower_order_nums = 0;
+        self.last_sample = None;
+        self.this_order = 1;
+        self.step_index = None;
+        self.begin_index = None;
+        Ok(())
+    }
+
+    fn timesteps(&self) -> &[f64] {
+        &self.timesteps
+    }
+
+    fn sigmas(&self) -> Option<&[f64]> {
+        Some(&self.sigmas)
+    }
+
+    fn step(
+        &mut self,
+        model_output: &T,
+        timestep: f64,
+        sample: &T,
+        _noise: &mut dyn NoiseSource,
+    ) -> Result<StepOutput<T>> {
+        if self.timesteps.is_empty() {
+            return Err(Error::InvalidState("call set_timesteps before step".into()));
+        }
+        check_same_shape(model_output, sample)?;
+        let i = match self.step_index {
+            Some(i) => i,
+            None => match self.begin_index {
+                Some(b) => b,
+                None => index_for_timestep(&self.timesteps, timestep)?,
+            },
+        };
+        if i >= self.timesteps.len() {
+            return Err(Error::InvalidState(format!(
+                "step {i} is past the end of the {}-step schedule",
+                self.timesteps.len()
+            )));
+        }
+        self.step_index = Some(i);
+
+        let order = self.config.solver_order;
+        let converted = self.convert_model_output(model_output, sample, self.sigmas[i]);
+        let use_corrector = i > 0
+            && !self.config.disable_corrector.contains(&(i as i64 - 1))
+            && self.last_sample.is_some();
+        let sample = match (use_corrector, &self.last_sample) {
+            (true, Some(last)) => self.uni_c_update(&converted, last, i, self.this_order)?,
+            _ => sample.clone(),
+        };
+
+        self.model_outputs.rotate_left(1);
+        self.model_outputs[order - 1] = Some(converted.clone());
+
+        let this_order = if self.config.lower_order_final {
+            order.min(self.timesteps.len() - i)
+        } else {
+            order
+        };
+        // warm-up: never use more outputs than have been stored
+        self.this_order = this_order.min(self.lower_order_nums + 1);
+        let prev_sample = self.uni_p_update(&sample, i, self.this_order)?;
+        self.last_sample = Some(sample);
+
+        if self.lower_order_nums < order {
+            self.lower_order_nums += 1;
+        }
+        self.step_index = Some(i + 1);
+        Ok(StepOutput {
+            prev_sample,
+            pred_original_sample: self.config.predict_x0.then_some(converted),
+        })
+    }
+
+    fn add_noise(&self, original_samples: &T, noise: &T, timesteps: &[f64]) -> Result<T> {
+        vp_add_noise(
+            &self.schedule,
+            &self.timesteps,
+            &self.sigmas,
+            self.step_index,
+            self.begin_index,
+            original_samples,
+            noise,
+            timesteps,
+        )
+    }
+
+    fn set_begin_index(&mut self, begin_index: usize) {
+        self.begin_index = Some(begin_index);
+    }
+}
+
+/// `add_noise` of diffusers' VP multistep samplers (DPM-Solver, UniPC, DEIS):
+/// `x = alpha_t x0 + sigma_t noise` at the inference noise level of each timestep, looked up
+/// in the schedule (or the current / begin step when a pipeline set a begin index).
+///
+/// Before `set_timesteps` the training schedule is used (diffusers would index its
+/// training sigmas with positions in its reversed timestep list, a bug not reproduced here).
+#[allow(clippy::too_many_arguments)]
+pub(crate) fn vp_add_noise<T: SchedulerTensor>(
+    schedule: &NoiseSchedule,
+    inference_timesteps: &[f64],
+    sigmas: &[f64],
+    step_index: Option<usize>,
+    begin_index: Option<usize>,
+    original_samples: &T,
+    noise: &T,
+    timesteps: &[f64],
+) -> Result<T> {
+    if inference_timesteps.is_empty() {
+        return schedule.add_noise(original_samples, noise, timesteps);
+    }
+    check_same_shape(original_samples, noise)?;
+    let indices: Vec<usize> = match (begin_index, step_index) {
+        (None, _) => timesteps
+            .iter()
+            .map(|&t| index_for_timestep(inference_timesteps, t))
+            .collect::<Result<_>>()?,
+        (Some(_), Some(i)) | (Some(i), None) => vec![i; timesteps.len()],
+    };
+    let batch = original_samples.shape().first().copied().unwrap_or(1);
+    let indices = match indices.len() {
+        n if n == batch => indices,
+        1 => vec![indices[0]; batch],
+        n => {
+            return Err(Error::Shape(format!(
+                "{n} timesteps for a batch of {batch} (give one per batch element, or one for all)"
+            )));
+        }
+    };
+    let mut alphas = Vec::with_capacity(batch);
+    let mut sigmas_t = Vec::with_capacity(batch);
+    for i in indices {
+        let sigma = *sigmas.get(i).ok_or_else(|| {
+            Error::InvalidArgument(format!("step index {i} is outside the schedule"))
+        })?;
+        let (a, s) = vp_alpha_sigma(sigma);
+        alphas.push(a);
+        sigmas_t.push(s);
+    }
+    Ok(original_samples
+        .scale_batch(&alphas)
+        .add(&noise.scale_batch(&sigmas_t)))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use diffusion_core::{HostTensor, NoNoise};
+
+    #[test]
+    fn gaussian_elimination_solves_with_pivoting() {
+        // needs a row swap: the first pivot is 0
+        let a = vec![
+            vec![0.0, 2.0, 1.0],
+            vec![1.0, 1.0, 1.0],
+            vec![4.0, -1.0, 3.0],
+        ];
+        let x = solve_linear(a, vec![5.0, 4.0, 5.0]).unwrap();
+        for (got, want) in x.iter().zip([1.0, 2.0, 1.0]) {
+            assert!((got - want).abs() < 1e-12, "{x:?}");
+        }
+        assert!(solve_linear(vec![vec![1.0, 1.0], vec![1.0, 1.0]], vec![1.0, 2.0]).is_err());
+    }
+
+    #[test]
+    fn timesteps_and_sigmas_match_diffusers() {
+        // diffusers 0.42.1 UniPCMultistepScheduler(), set_timesteps(5)
+        let mut s = UniPcMultistepScheduler::<HostTensor>::new(UniPcConfig::default()).unwrap();
+        Scheduler::<HostTensor>::set_timesteps(&mut s, 5).unwrap();
+        assert_eq!(s.timesteps, vec![999.0, 799.0, 599.0, 400.0, 200.0]);
+        assert_eq!(s.sigmas.len(), 6);
+        assert_eq!(s.sigmas[5], 0.0);
+        assert!((s.sigmas[0] - 157.4071).abs() < 1e-3, "{}", s.sigmas[0]);
+    }
+
+    #[test]
+    fn bad_configs_are_errors() {
+        let bad = |json: &str| {
+            let map = ConfigMap::parse(json, "test").unwrap();
+            UniPcMultistepScheduler::<HostTensor>::from_config_map(&map).is_err()
+        };
+        assert!(bad(r#"{"solver_order": 0}"#));
+        assert!(bad(r#"{"solver_type": "nope"}"#));
+        assert!(bad(
+            r#"{"use_karras_sigmas": true, "use_beta_sigmas": true}"#
+        ));
+        assert!(bad(r#"{"use_flow_sigmas": true}"#));
+        assert!(bad(r#"{"solver_p": {"_class_name": "DDIMScheduler"}}"#));
+        assert!(bad(r#"{"beta_schedule": "sigmoid"}"#));
+        assert!(!bad(
+            r#"{"solver_type": "logrho", "solver_p": null, "sigma_min": null}"#
+        ));
+    }
+
+    #[test]
+    fn runs_every_order_without_blowing_up() {
+        for order in 1..=4 {
+            for bh1 in [false, true] {
+                let config = UniPcConfig {
+                    solver_order: order,
+                    solver_type: if bh1 {
+                        UniPcSolverType::Bh1
+                    } else {
+                        UniPcSolverType::Bh2
+                    },
+                    ..Default::default()
+                };
+                let mut s = UniPcMultistepScheduler::<HostTensor>::new(config).unwrap();
+                Scheduler::<HostTensor>::set_timesteps(&mut s, 8).unwrap();
+                let mut x = HostTensor::new(vec![1.0, -0.5, 0.25, 2.0], vec![1, 1, 2, 2]).unwrap();
+                for t in s.timesteps.clone() {
+                    let eps = x.scale(0.3);
+                    x = s.step(&eps, t, &x, &mut NoNoise).unwrap().prev_sample;
+                }
+                assert!(
+                    x.data().iter().all(|v| v.is_finite()),
+                    "order {order}: {x:?}"
+                );
+            }
+        }
+    }
+}
