@@ -3,6 +3,7 @@
 
 pub use diffusion_core;
 
+pub mod clip;
 pub mod loading;
 
 pub mod tensor;
