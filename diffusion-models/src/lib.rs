@@ -6,4 +6,7 @@ pub use diffusion_core;
 pub mod clip;
 pub mod loading;
 
+pub mod nn;
+pub mod unet;
+
 pub mod tensor;

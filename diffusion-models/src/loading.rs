@@ -243,7 +243,16 @@ where
     };
     let conversions = Arc::clone(&adapter.conversions);
     let mut mapper = DtypeAwareMapper {
-        inner: Applier::<B>::new(snapshots, None, Some(Box::new(adapter)), false),
+        // PyTorch keys never name Burn enum variants: a module held in an enum (a ModuleList
+        // of mixed layers such as `ff.net`, or a `Conv2d`-or-`Linear` projection) is matched
+        // without the variant segment.
+        inner: Applier::<B>::new(
+            snapshots,
+            None,
+            Some(Box::new(adapter)),
+            options.pytorch_layout,
+        ),
+        skip_enum_variants: options.pytorch_layout,
         target,
         path: Vec::new(),
         containers: Vec::new(),
@@ -317,6 +326,7 @@ struct ParamInfo {
 /// [`CastAdapter`]) and its container type (used to word error messages in PyTorch terms).
 struct DtypeAwareMapper<B: Backend> {
     inner: Applier<B>,
+    skip_enum_variants: bool,
     target: Arc<Mutex<TargetInfo>>,
     path: Vec<String>,
     containers: Vec<String>,
@@ -335,8 +345,15 @@ impl<B: Backend> DtypeAwareMapper<B> {
             .find(|c| c.starts_with("Struct:") || c.starts_with("Enum:"))
             .cloned()
             .unwrap_or_default();
-        self.params
-            .insert(self.path.join("."), ParamInfo { container, rank });
+        let key = self
+            .path
+            .iter()
+            .zip(&self.containers)
+            .filter(|(_, c)| !(self.skip_enum_variants && c.starts_with("Enum:")))
+            .map(|(p, _)| p.as_str())
+            .collect::<Vec<_>>()
+            .join(".");
+        self.params.insert(key, ParamInfo { container, rank });
     }
 }
 
