@@ -24,8 +24,10 @@
 //! coefficient of a sampler's update shows up in the trajectory. When the config asks for a
 //! learned variance (`"variance_type": "learned"` or `"learned_range"`, as DDPM and the
 //! DPM-Solvers accept), the model output carries twice the sample's channels, the second
-//! half being `0.5 * tanh(x_in)`: the output is `concat([toy(x_in), 0.5 * tanh(x_in)],
-//! dim = 1)`. The reference script builds the same.
+//! half being `0.25 * (1 + tanh(x_in))`: the output is `concat([toy(x_in), 0.25 * (1 +
+//! tanh(x_in))], dim = 1)`. The reference script builds the same. The extra half lies in
+//! `(0, 0.5)`, so it is a valid variance for `learned` (diffusers takes its square root)
+//! and a valid interpolation weight for `learned_range`.
 //!
 //! Noise comes from the case's recorded draws ([`FixedNoise`], so a stochastic sampler
 //! replays diffusers' noise exactly; draws left over are fine, running out is an error) or,
@@ -147,7 +149,7 @@ impl TraceCase {
 }
 
 /// The toy denoiser of the trace loop: `0.8 * x_in * cos(t / 1000) + 0.1 * sin(x_in)`,
-/// elementwise; with `learned_variance`, `0.5 * tanh(x_in)` is appended along the channel
+/// elementwise; with `learned_variance`, `0.25 * (1 + tanh(x_in))` is appended along the channel
 /// dimension (dimension 1), doubling the channels.
 pub fn toy_model_output(x_in: &HostTensor, t: f64, learned_variance: bool) -> Result<HostTensor> {
     let c = (t / 1000.0).cos();
@@ -161,10 +163,14 @@ pub fn toy_model_output(x_in: &HostTensor, t: f64, learned_variance: bool) -> Re
             "a learned-variance model output needs batch and channel dimensions, got {shape:?}"
         )));
     }
-    let var = x_in.map(|x| 0.5 * x.tanh());
+    let var = x_in.map(|x| 0.25 * (1.0 + x.tanh()));
     let per_batch = out.data().len() / shape[0];
     let mut data = Vec::with_capacity(2 * out.data().len());
-    for (a, b) in out.data().chunks(per_batch).zip(var.data().chunks(per_batch)) {
+    for (a, b) in out
+        .data()
+        .chunks(per_batch)
+        .zip(var.data().chunks(per_batch))
+    {
         data.extend_from_slice(a);
         data.extend_from_slice(b);
     }
@@ -195,13 +201,14 @@ pub fn run_trace(case: &TraceCase) -> Result<TraceOutput> {
     let schedule = case.schedule()?;
     let sample = case.initial_sample()?;
     let mut scheduler = registry::from_config::<HostTensor>(&case.class, &case.config_map())?;
-    if let Some(eta) = case.eta {
-        if !scheduler.set_eta(eta) && eta != 0.0 {
-            return Err(Error::Unsupported(format!(
-                "{} takes no eta (got {eta})",
-                scheduler.name()
-            )));
-        }
+    if let Some(eta) = case.eta
+        && !scheduler.set_eta(eta)
+        && eta != 0.0
+    {
+        return Err(Error::Unsupported(format!(
+            "{} takes no eta (got {eta})",
+            scheduler.name()
+        )));
     }
     scheduler.set_timestep_schedule(schedule)?;
     let timesteps = scheduler.timesteps().to_vec();
@@ -231,7 +238,9 @@ pub fn run_trace(case: &TraceCase) -> Result<TraceOutput> {
     for &t in &timesteps {
         let x_in = scheduler.scale_model_input(&x, t)?;
         let model_output = toy_model_output(&x_in, t, learned)?;
-        x = scheduler.step(&model_output, t, &x, &mut noise)?.prev_sample;
+        x = scheduler
+            .step(&model_output, t, &x, &mut noise)?
+            .prev_sample;
         samples.push(x.to_host());
     }
     Ok(TraceOutput {
@@ -271,9 +280,9 @@ mod tests {
         assert_eq!(doubled.shape(), vec![2, 2, 1, 2]);
         let d = doubled.data();
         assert_eq!(&d[0..2], &out.data()[0..2]);
-        assert!((d[2] - 0.5 * 0.5f64.tanh()).abs() < 1e-15);
+        assert!((d[2] - 0.25 * (1.0 + 0.5f64.tanh())).abs() < 1e-15);
         assert_eq!(&d[4..6], &out.data()[2..4]);
-        assert!((d[7] - 0.0).abs() < 1e-15);
+        assert!((d[7] - 0.25).abs() < 1e-15);
     }
 
     #[test]
@@ -291,7 +300,10 @@ mod tests {
         let mut x = HostTensor::new(case.sample.clone(), case.shape.clone()).unwrap();
         for t in s.timesteps().to_vec() {
             let m = x.map(|v| 0.8 * v * (t / 1000.0).cos() + 0.1 * v.sin());
-            x = s.step(&m, t, &x, &mut diffusion_core::NoNoise).unwrap().prev_sample;
+            x = s
+                .step(&m, t, &x, &mut diffusion_core::NoNoise)
+                .unwrap()
+                .prev_sample;
         }
         assert_eq!(x.data(), &out.final_sample[..]);
 
@@ -309,12 +321,22 @@ mod tests {
         assert_eq!(with_noise.noise_draws, 5);
         let mut plain = ddim_case();
         plain.eta = Some(0.0);
-        assert_ne!(run_trace(&plain).unwrap().final_sample, with_noise.final_sample);
+        assert_ne!(
+            run_trace(&plain).unwrap().final_sample,
+            with_noise.final_sample
+        );
 
         case.noise = Some(vec![vec![0.1, 0.2, 0.3, 0.4]; 6]);
-        assert_eq!(run_trace(&case).unwrap(), with_noise, "leftover draws are fine");
+        assert_eq!(
+            run_trace(&case).unwrap(),
+            with_noise,
+            "leftover draws are fine"
+        );
         case.noise = Some(vec![vec![0.1, 0.2, 0.3, 0.4]; 4]);
-        assert!(run_trace(&case).is_err(), "running out of draws is an error");
+        assert!(
+            run_trace(&case).is_err(),
+            "running out of draws is an error"
+        );
     }
 
     #[test]
@@ -336,20 +358,30 @@ mod tests {
 
         let mut case = ddim_case();
         case.class = "no-such-sampler".into();
-        assert!(matches!(run_trace(&case), Err(Error::UnknownScheduler { .. })));
+        assert!(matches!(
+            run_trace(&case),
+            Err(Error::UnknownScheduler { .. })
+        ));
 
         assert!(TraceCase::from_json_str("{\"class\": \"ddim\"}").is_err());
         assert!(TraceCase::from_json_str("[1]").is_err());
-        assert!(TraceCase::from_json_str("{\"class\": \"ddim\", \"shape\": [1, 1], \"sample\": [NaNx]}").is_err());
+        assert!(
+            TraceCase::from_json_str(
+                "{\"class\": \"ddim\", \"shape\": [1, 1], \"sample\": [NaNx]}"
+            )
+            .is_err()
+        );
     }
 
     #[test]
     fn learned_variance_is_read_from_the_config() {
         let mut case = ddim_case();
         assert!(!case.learned_variance());
-        case.config.insert("variance_type".into(), Value::from("learned_range"));
+        case.config
+            .insert("variance_type".into(), Value::from("learned_range"));
         assert!(case.learned_variance());
-        case.config.insert("variance_type".into(), Value::from("fixed_small"));
+        case.config
+            .insert("variance_type".into(), Value::from("fixed_small"));
         assert!(!case.learned_variance());
     }
 }
