@@ -10,3 +10,5 @@ pub mod nn;
 pub mod unet;
 
 pub mod tensor;
+
+pub mod t5;

@@ -183,7 +183,9 @@ mod tests {
     fn host(shape: &[usize], seed: u64) -> HostTensor {
         // A small deterministic LCG so the test needs no RNG crate.
         let n: usize = shape.iter().product();
-        let mut state = seed.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
+        let mut state = seed
+            .wrapping_mul(6364136223846793005)
+            .wrapping_add(1442695040888963407);
         let data = (0..n)
             .map(|_| {
                 state = state
@@ -237,7 +239,10 @@ mod tests {
         }
         let rebuilt = a.from_host_like(hb.data().to_vec(), &shape);
         assert_close(&rebuilt, &hb);
-        assert_eq!(a.to_host_tensor(), HostTensor::new(a.to_host(), shape.to_vec()).unwrap());
+        assert_eq!(
+            a.to_host_tensor(),
+            HostTensor::new(a.to_host(), shape.to_vec()).unwrap()
+        );
     }
 
     #[test]
@@ -275,7 +280,8 @@ mod tests {
             BurnTensor::<B, 2>::from_host(&h, &device),
             Err(Error::Shape(_))
         ));
-        let roundtrip: Tensor<B, 2> = BurnTensor::from(Tensor::<B, 2>::zeros([1, 1], &device)).into();
+        let roundtrip: Tensor<B, 2> =
+            BurnTensor::from(Tensor::<B, 2>::zeros([1, 1], &device)).into();
         assert_eq!(roundtrip.dims(), [1, 1]);
     }
 }
