@@ -13,7 +13,9 @@ Writes into diffusion-models/tests/fixtures/ (relative to the repository root):
   unet-classcond-tiny/    UNet2DConditionModel with a class embedding table (num_class_embeds)
   unet-lcm-tiny/          UNet2DConditionModel with time_cond_proj_dim (LCM guidance embedding)
   unet-inpaint-tiny/      UNet2DConditionModel with in_channels 9; unet/ is sharded
-  t5-tiny/                T5EncoderModel (T5 v1.1 style, gated-gelu)
+  t5-tiny/                T5EncoderModel (T5 v1.1 style, gated-gelu); t5-tiny/tokenizer/ is a
+                          tiny sentencepiece unigram T5Tokenizer (900 pieces + 100 extra ids)
+                          with prompts.json (reference ids)
   clip-tokenizer-full/    the full real CLIP BPE vocabulary (vocab.json, merges.txt, ...) and
                           prompts.json with the ids transformers' CLIPTokenizer produces
 
@@ -23,10 +25,13 @@ also writes).
 
 Requirements (exact versions used to produce the committed fixtures):
 
-    pip install diffusers==0.42.1 transformers==5.24.0 torch numpy safetensors open_clip_torch
+    pip install diffusers==0.42.1 transformers==5.24.0 torch numpy safetensors open_clip_torch \
+        sentencepiece protobuf
 
 open_clip_torch is only read for its data file bpe_simple_vocab_16e6.txt.gz (the real CLIP BPE
 merges); `pip install --no-deps open_clip_torch` is enough, the package is never imported.
+sentencepiece (and protobuf, for transformers' spm -> tokenizers conversion) train the tiny T5
+tokenizer.
 No network access is needed. Everything is deterministic (torch.manual_seed per component,
 CPU, float32).
 
@@ -63,6 +68,7 @@ from transformers import (
     CLIPTokenizer,
     T5Config,
     T5EncoderModel,
+    T5Tokenizer,
 )
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -684,6 +690,73 @@ def make_t5():
     )
 
 
+def make_t5_tokenizer(merges):
+    """A tiny real sentencepiece unigram model (nmt_nfkc normalisation like T5's), trained on a
+    fixed corpus (the prompts, the fixture README and the words of the first 20000 CLIP merges),
+    converted by transformers' T5Tokenizer; 900 pieces + 100 <extra_id_N> = the t5-tiny
+    vocab_size 1000."""
+    import sentencepiece as spm
+
+    path = os.path.join(OUT, "t5-tiny", "tokenizer")
+    if os.path.exists(path):
+        shutil.rmtree(path)
+    os.makedirs(path)
+    corpus_path = os.path.join(OUT, ".tmp-t5-corpus.txt")
+    corpus = [p for p in TRICKY_PROMPTS + TEXT_PROMPTS if p.strip()] + README.splitlines()
+    words = [m.replace(" ", "").replace("</w>", "") for m in merges[:20000]]
+    corpus += [" ".join(words[i : i + 12]) for i in range(0, len(words), 12)]
+    with open(corpus_path, "w", encoding="utf-8") as f:
+        f.write("\n".join(line for line in corpus if line.strip()) + "\n")
+    spm.SentencePieceTrainer.train(
+        input=corpus_path,
+        model_prefix=os.path.join(path, "spiece"),
+        vocab_size=TINY_VOCAB - 100,
+        model_type="unigram",
+        pad_id=0,
+        eos_id=1,
+        unk_id=2,
+        bos_id=-1,
+        character_coverage=1.0,
+        normalization_rule_name="nmt_nfkc",
+        num_threads=1,
+        minloglevel=2,
+    )
+    os.remove(corpus_path)
+    os.remove(os.path.join(path, "spiece.vocab"))
+    tok = T5Tokenizer.from_pretrained(path, model_max_length=512)
+    assert len(tok) == TINY_VOCAB, len(tok)
+    tok.save_pretrained(path)
+    special = {"eos_token": "</s>", "pad_token": "<pad>", "unk_token": "<unk>"}
+    with open(os.path.join(path, "special_tokens_map.json"), "w", encoding="utf-8") as f:
+        json.dump(special, f, indent=2)
+    tok = T5Tokenizer.from_pretrained(path)
+    entries = []
+    for text in TRICKY_PROMPTS:
+        ids = tok(text).input_ids
+        padded = tok(text, padding="max_length", max_length=64, truncation=True)
+        entries.append(
+            {
+                "text": text,
+                "ids": ids,
+                "ids_padded_64": padded.input_ids,
+                "attention_mask_64": padded.attention_mask,
+            }
+        )
+    doc = {
+        "description": "T5Tokenizer ids. ids: no padding, no truncation (</s> appended). "
+        "ids_padded_64 / attention_mask_64: padding='max_length', max_length=64, "
+        "truncation=True (as SD3/Flux call the T5 tokenizer, with their own max length).",
+        "transformers": transformers.__version__,
+        "sentencepiece": spm.__version__,
+        "pad_id": tok.pad_token_id,
+        "eos_id": tok.eos_token_id,
+        "unk_id": tok.unk_token_id,
+        "prompts": entries,
+    }
+    with open(os.path.join(path, "prompts.json"), "w", encoding="utf-8") as f:
+        json.dump(doc, f, ensure_ascii=False, indent=1)
+
+
 # ---------------------------------------------------------------------------------------------
 # full tokenizer + tricky prompts
 # ---------------------------------------------------------------------------------------------
@@ -848,7 +921,8 @@ T5 (`t5-tiny`): `input_ids` [2, 40] i64, `attention_mask` [2, 40] i64 (row 1 pad
   f16-rounded weights); VAE (16, 32) GroupNorm 8; CLIP text gelu, eos_token_id 999 (pooling at the
   first eos), **sharded** (model.safetensors.index.json); tokenizer pad "!"; DDIMScheduler
   v_prediction.
-- `unet-sdxl-tiny/`: StableDiffusionXLPipeline: UNet (8, 16) GroupNorm 4, DownBlock2D + CrossAttnDownBlock2D,
+- `unet-sdxl-tiny/`: StableDiffusionXLPipeline: UNet (8, 16) GroupNorm 4, DownBlock2D +
+  CrossAttnDownBlock2D,
   transformer_layers_per_block (1, 2), text_time addition (addition_time_embed_dim 8, projection
   input 32 + 48 = 80), cross_attention_dim 64 (= 32 + 32, both encoders' penultimate states
   concatenated); text_encoder (quick_gelu, pad eos) and text_encoder_2 (CLIPTextModelWithProjection,
@@ -860,6 +934,8 @@ T5 (`t5-tiny`): `input_ids` [2, 40] i64, `attention_mask` [2, 40] i64 (row 1 pad
   (diffusion_pytorch_model.safetensors.index.json).
 - `t5-tiny/`: T5EncoderModel, d_model 32, d_kv 8, heads 4, d_ff 37, 2 layers, gated-gelu
   (dense_act_fn gelu_new), 32 buckets, max distance 128, vocab 1000.
+  `t5-tiny/tokenizer/`: a tiny sentencepiece unigram T5Tokenizer (nmt_nfkc, 900 pieces + 100
+  `<extra_id_N>`; spiece.model and transformers' tokenizer.json) and `prompts.json` with its ids.
 - `clip-tokenizer-full/`: the full real CLIP vocabulary (49408 tokens) and `prompts.json`.
 """
 
@@ -875,6 +951,7 @@ def main():
     make_lcm()
     make_inpaint()
     make_t5()
+    make_t5_tokenizer(merges)
     make_clip_full(merges)
     with open(os.path.join(OUT, "README.md"), "w", encoding="utf-8") as f:
         f.write(README)
