@@ -516,6 +516,310 @@ pub fn check_integer_timesteps(timesteps: &[f64], num_train_timesteps: usize) ->
     Ok(())
 }
 
+// ---------------------------------------------------------------------------------------
+// k-diffusion (sigma-space) samplers.
+//
+// Shared by LMSDiscreteScheduler (lms.rs), EulerDiscreteScheduler (euler.rs),
+// EulerAncestralDiscreteScheduler (euler_ancestral.rs), HeunDiscreteScheduler (heun.rs),
+// KDPM2DiscreteScheduler (kdpm2.rs) and KDPM2AncestralDiscreteScheduler
+// (kdpm2_ancestral.rs). They integrate the probability-flow ODE of
+// `x = x0 + sigma * eps` in sigma (Karras et al. 2022, eq. 4) over noise levels
+// `sigma_t = sqrt((1 - abar_t) / abar_t)`. Their `set_timesteps` all (1) space fractional
+// timesteps by `timestep_spacing` ([`k_spaced_timesteps`]), (2) interpolate the training
+// sigmas there ([`sigmas_at_timesteps`]), (3) optionally respace the sigmas as Karras /
+// exponential / beta sigmas and map them back to timesteps ([`k_schedule`]).
+// ---------------------------------------------------------------------------------------
+
+/// Fractional inference timesteps of the k-diffusion samplers, in decreasing order
+/// (Lin et al. 2023, Table 2):
+///
+/// - `linspace`: `linspace(0, num_train_timesteps - 1, n)` reversed, not rounded;
+/// - `leading`: `i * (num_train_timesteps // n) + steps_offset` for `i = n - 1, ..., 0`;
+/// - `trailing`: `round(arange(num_train_timesteps, 0, -num_train_timesteps / n)) - 1`
+///   (numpy's `arange` may yield one extra element, giving a timestep of -1, as in
+///   diffusers).
+pub fn k_spaced_timesteps(
+    spacing: TimestepSpacing,
+    num_train_timesteps: usize,
+    num_inference_steps: usize,
+    steps_offset: usize,
+) -> Vec<f64> {
+    let (n_train, n) = (num_train_timesteps, num_inference_steps);
+    match spacing {
+        TimestepSpacing::Linspace => {
+            let mut t = linspace(0.0, (n_train - 1) as f64, n);
+            t.reverse();
+            t
+        }
+        TimestepSpacing::Leading => {
+            let ratio = n_train / n;
+            (0..n)
+                .rev()
+                .map(|i| (i * ratio + steps_offset) as f64)
+                .collect()
+        }
+        TimestepSpacing::Trailing => np_arange(n_train as f64, 0.0, -(n_train as f64 / n as f64))
+            .into_iter()
+            .map(|v| np_round(v) - 1.0)
+            .collect(),
+    }
+}
+
+/// The training sigmas at fractional `timesteps`: `np.interp(timesteps, arange(N),
+/// train_sigmas)`, clamped at both ends.
+pub fn sigmas_at_timesteps(train_sigmas: &[f64], timesteps: &[f64]) -> Vec<f64> {
+    let grid: Vec<f64> = (0..train_sigmas.len()).map(|i| i as f64).collect();
+    timesteps
+        .iter()
+        .map(|&t| interp(t, &grid, train_sigmas))
+        .collect()
+}
+
+/// diffusers' `_convert_to_karras` / `_convert_to_exponential` / `_convert_to_beta` of the
+/// k-diffusion samplers: `n` sigmas from `sigma_max` down to `sigma_min`, which default to
+/// the first and last of `in_sigmas` (the interpolated inference sigmas, so with `leading`
+/// spacing and `steps_offset` the smallest is not the smallest training sigma).
+/// Returns `None` for [`SigmaSpacing::Timesteps`] (no respacing).
+pub fn respace_sigmas(
+    spacing: SigmaSpacing,
+    in_sigmas: &[f64],
+    n: usize,
+    sigma_min: Option<f64>,
+    sigma_max: Option<f64>,
+) -> Option<Vec<f64>> {
+    let lo = sigma_min.or(in_sigmas.last().copied()).unwrap_or(0.0);
+    let hi = sigma_max.or(in_sigmas.first().copied()).unwrap_or(0.0);
+    match spacing {
+        SigmaSpacing::Timesteps => None,
+        SigmaSpacing::Karras => Some(karras_sigmas(lo, hi, n)),
+        SigmaSpacing::Exponential => Some(exponential_sigmas(lo, hi, n)),
+        SigmaSpacing::Beta => Some(beta_sigmas(lo, hi, n, 0.6, 0.6)),
+    }
+}
+
+/// Fractional training timesteps of `sigmas` ([`sigma_to_t`] of each).
+pub fn sigmas_to_timesteps(sigmas: &[f64], log_sigmas: &[f64]) -> Vec<f64> {
+    sigmas.iter().map(|&s| sigma_to_t(s, log_sigmas)).collect()
+}
+
+/// Inference timesteps and sigmas (without the final sigma) of a k-diffusion sampler.
+#[derive(Debug, Clone, PartialEq)]
+pub struct KSchedule {
+    /// Timesteps given to the model, possibly fractional.
+    pub timesteps: Vec<f64>,
+    /// Noise levels, one per timestep.
+    pub sigmas: Vec<f64>,
+}
+
+/// The common k-diffusion `set_timesteps`: sigmas interpolated at `timesteps`, then, for
+/// Karras / exponential / beta spacing, `num_inference_steps` respaced sigmas
+/// ([`respace_sigmas`]) whose timesteps are recovered by [`sigma_to_t`] (rounded,
+/// numpy half-even, when `round_karras` is set and the spacing is Karras, as KDPM2 does).
+#[allow(clippy::too_many_arguments)]
+pub fn k_schedule(
+    train_sigmas: &[f64],
+    timesteps: Vec<f64>,
+    num_inference_steps: usize,
+    spacing: SigmaSpacing,
+    sigma_min: Option<f64>,
+    sigma_max: Option<f64>,
+    round_karras: bool,
+) -> KSchedule {
+    let sigmas = sigmas_at_timesteps(train_sigmas, &timesteps);
+    match respace_sigmas(spacing, &sigmas, num_inference_steps, sigma_min, sigma_max) {
+        None => KSchedule { timesteps, sigmas },
+        Some(sigmas) => {
+            let log_sigmas: Vec<f64> = train_sigmas.iter().map(|s| s.ln()).collect();
+            let mut timesteps = sigmas_to_timesteps(&sigmas, &log_sigmas);
+            if round_karras && spacing == SigmaSpacing::Karras {
+                timesteps.iter_mut().for_each(|t| *t = np_round(*t));
+            }
+            KSchedule { timesteps, sigmas }
+        }
+    }
+}
+
+/// The training noise schedule of a k-diffusion sampler: [`NoiseSchedule::new`], except
+/// that these diffusers classes do not implement the `sigmoid` beta schedule.
+///
+/// [`NoiseSchedule::new`]: crate::schedule::NoiseSchedule::new
+pub fn k_noise_schedule(
+    class: &str,
+    num_train_timesteps: usize,
+    beta_start: f64,
+    beta_end: f64,
+    beta_schedule: crate::schedule::BetaSchedule,
+    trained_betas: Option<&[f64]>,
+    rescale_betas_zero_snr: bool,
+) -> Result<crate::schedule::NoiseSchedule> {
+    if trained_betas.is_none() && beta_schedule == crate::schedule::BetaSchedule::Sigmoid {
+        return Err(Error::Unsupported(format!(
+            "beta_schedule `sigmoid` is not implemented by {class}"
+        )));
+    }
+    crate::schedule::NoiseSchedule::new(
+        num_train_timesteps,
+        beta_start,
+        beta_end,
+        beta_schedule,
+        trained_betas,
+        rescale_betas_zero_snr,
+    )
+}
+
+/// `alphas_cumprod` as diffusers' Euler samplers keep it: after zero-terminal-SNR rescaling
+/// (`rescaled`) the last value, exactly 0, becomes `2^-24` so the largest sigma stays
+/// finite (4096).
+pub fn finite_terminal_alphas_cumprod(mut alphas_cumprod: Vec<f64>, rescaled: bool) -> Vec<f64> {
+    if rescaled && let Some(last) = alphas_cumprod.last_mut() {
+        *last = 2f64.powi(-24);
+    }
+    alphas_cumprod
+}
+
+/// `init_noise_sigma` of the k-diffusion samplers: the largest sigma with `linspace` and
+/// `trailing` spacing, `sqrt(sigma_max^2 + 1)` with `leading` spacing.
+pub fn k_init_noise_sigma(sigmas: &[f64], spacing: TimestepSpacing) -> f64 {
+    let max = sigmas.iter().copied().fold(f64::NEG_INFINITY, f64::max);
+    match spacing {
+        TimestepSpacing::Linspace | TimestepSpacing::Trailing => max,
+        TimestepSpacing::Leading => (max * max + 1.0).sqrt(),
+    }
+}
+
+/// The clean-sample estimate `x0` of a k-diffusion sampler at noise level `sigma`
+/// (Karras et al. 2022, Table 1, with `c_skip`, `c_out` of the VP parameterisation):
+/// `x - sigma * eps` for epsilon, `-sigma / sqrt(sigma^2 + 1) * v + x / (sigma^2 + 1)`
+/// for v-prediction, the output itself for sample prediction.
+pub fn k_pred_x0<T: SchedulerTensor>(
+    prediction_type: PredictionType,
+    model_output: &T,
+    sample: &T,
+    sigma: f64,
+) -> T {
+    match prediction_type {
+        PredictionType::Epsilon => T::lincomb(&[(1.0, sample), (-sigma, model_output)]),
+        PredictionType::VPrediction => {
+            let s2 = sigma * sigma + 1.0;
+            T::lincomb(&[(-sigma / s2.sqrt(), model_output), (1.0 / s2, sample)])
+        }
+        PredictionType::Sample => model_output.clone(),
+    }
+}
+
+/// diffusers' `_step_index` / `_begin_index` bookkeeping of the sigma-space samplers.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct StepIndex {
+    /// Index of the current step in the schedule, once the run has started.
+    pub step: Option<usize>,
+    /// Index the run starts at, when a pipeline set one (`set_begin_index`).
+    pub begin: Option<usize>,
+}
+
+impl StepIndex {
+    /// Forgets the position (a new schedule was set).
+    pub fn reset(&mut self) {
+        *self = Self::default();
+    }
+
+    /// The current step index, initialised on first use (diffusers' `_init_step_index`):
+    /// the begin index if one was set, else the position of `timestep` in `schedule`.
+    pub fn current(&mut self, timestep: f64, schedule: &[f64]) -> Result<usize> {
+        if let Some(i) = self.step {
+            return Ok(i);
+        }
+        let i = match self.begin {
+            Some(b) => b,
+            None => index_for_timestep(schedule, timestep)?,
+        };
+        self.step = Some(i);
+        Ok(i)
+    }
+
+    /// Moves to the next step.
+    pub fn advance(&mut self) {
+        if let Some(i) = self.step.as_mut() {
+            *i += 1;
+        }
+    }
+
+    /// The sigma indices `add_noise` uses for `timesteps`: looked up in `schedule` when no
+    /// begin index is set, else the current step (or the begin index before the first step).
+    pub fn add_noise_indices(&self, timesteps: &[f64], schedule: &[f64]) -> Result<Vec<usize>> {
+        match (self.begin, self.step) {
+            (None, _) => timesteps
+                .iter()
+                .map(|&t| index_for_timestep(schedule, t))
+                .collect(),
+            (Some(_), Some(i)) | (Some(i), None) => Ok(vec![i; timesteps.len()]),
+        }
+    }
+}
+
+/// `add_noise` of the sigma-space samplers: `x = x0 + sigma * noise` with each batch
+/// element's sigma found from its timestep ([`StepIndex::add_noise_indices`]); one timestep
+/// noises the whole batch.
+pub fn k_add_noise<T: SchedulerTensor>(
+    original_samples: &T,
+    noise: &T,
+    timesteps: &[f64],
+    schedule: &[f64],
+    sigmas: &[f64],
+    step_index: &StepIndex,
+) -> Result<T> {
+    crate::schedule::check_same_shape(original_samples, noise)?;
+    let batch = original_samples.shape().first().copied().unwrap_or(1);
+    let indices = step_index.add_noise_indices(timesteps, schedule)?;
+    let mut per_batch = indices
+        .iter()
+        .map(|&i| {
+            sigmas.get(i).copied().ok_or_else(|| {
+                Error::InvalidArgument(format!("step index {i} is past the end of the schedule"))
+            })
+        })
+        .collect::<Result<Vec<f64>>>()?;
+    if per_batch.len() == 1 {
+        per_batch = vec![per_batch[0]; batch];
+    }
+    if per_batch.len() != batch {
+        return Err(Error::Shape(format!(
+            "{} timesteps for a batch of {batch} (give one per batch element, or one for all)",
+            per_batch.len()
+        )));
+    }
+    Ok(original_samples.add(&noise.scale_batch(&per_batch)))
+}
+
+/// `sigmas[i]`, or an error saying the run has gone past its last step.
+pub fn sigma_at(sigmas: &[f64], i: usize) -> Result<f64> {
+    sigmas.get(i).copied().ok_or_else(|| {
+        Error::InvalidState(format!(
+            "step {i} is past the end of the schedule ({} sigmas); call set_timesteps again",
+            sigmas.len()
+        ))
+    })
+}
+
+/// `torch.lerp(a.log(), b.log(), 0.5).exp()` as torch evaluates it (`end - (end - start)
+/// * 0.5` at weight 0.5), including its infinities: the geometric mean of two sigmas, `0`
+/// when `a` is 0, NaN when only `b` is 0. KDPM2's interpolated sigmas.
+pub fn log_midpoint(a: f64, b: f64) -> f64 {
+    let (start, end) = (a.ln(), b.ln());
+    (end - (end - start) * 0.5).exp()
+}
+
+/// torch's `cat([x[:1], x[1:].repeat_interleave(2), x[-1:]])`: every entry after the first
+/// doubled, the last once more (KDPM2's per-evaluation sigma tables).
+pub fn repeat_after_first(x: &[f64]) -> Vec<f64> {
+    let mut out = Vec::with_capacity(2 * x.len());
+    if let Some((&first, rest)) = x.split_first() {
+        out.push(first);
+        out.extend(rest.iter().flat_map(|&v| [v, v]));
+        out.push(*x.last().unwrap_or(&first));
+    }
+    out
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -596,5 +900,54 @@ mod tests {
         assert!((a * a + s * s - 1.0).abs() < 1e-15);
         assert!((vp_lambda(0.5) - 2f64.ln()).abs() < 1e-15);
         assert_eq!(vp_lambda(0.0), f64::INFINITY);
+    }
+}
+
+#[cfg(test)]
+mod k_diffusion_tests {
+    use super::*;
+
+    #[test]
+    fn k_spaced_timesteps_match_diffusers() {
+        let lin = k_spaced_timesteps(TimestepSpacing::Linspace, 1000, 4, 0);
+        assert_eq!(lin, vec![999.0, 666.0, 333.0, 0.0]);
+        let lead = k_spaced_timesteps(TimestepSpacing::Leading, 1000, 4, 1);
+        assert_eq!(lead, vec![751.0, 501.0, 251.0, 1.0]);
+        let trail = k_spaced_timesteps(TimestepSpacing::Trailing, 1000, 3, 0);
+        assert_eq!(trail, vec![999.0, 666.0, 332.0]);
+        let quirk = k_spaced_timesteps(TimestepSpacing::Trailing, 1000, 61, 0);
+        assert_eq!(quirk.len(), 62);
+        assert_eq!(*quirk.last().unwrap(), -1.0);
+    }
+
+    #[test]
+    fn log_midpoint_follows_torch_lerp() {
+        assert!((log_midpoint(4.0, 1.0) - 2.0).abs() < 1e-15);
+        assert_eq!(log_midpoint(0.0, 3.0), 0.0);
+        assert!(log_midpoint(3.0, 0.0).is_nan());
+        assert_eq!(
+            repeat_after_first(&[1.0, 2.0, 0.0]),
+            vec![1.0, 2.0, 2.0, 0.0, 0.0, 0.0]
+        );
+    }
+
+    #[test]
+    fn step_index_lookup() {
+        let schedule = [999.0, 500.0, 500.0, 0.0];
+        let mut idx = StepIndex::default();
+        assert_eq!(idx.current(500.0, &schedule).unwrap(), 2);
+        idx.advance();
+        assert_eq!(idx.current(0.0, &schedule).unwrap(), 3);
+        assert_eq!(
+            idx.add_noise_indices(&[999.0, 0.0], &schedule).unwrap(),
+            vec![0, 3]
+        );
+        idx.reset();
+        idx.begin = Some(1);
+        assert_eq!(
+            idx.add_noise_indices(&[0.0, 0.0], &schedule).unwrap(),
+            vec![1, 1]
+        );
+        assert!(idx.current(7.0, &schedule).is_ok());
     }
 }

@@ -64,10 +64,46 @@ const SHORT_NAMES: &[ShortName] = &[
         class: "DEISMultistepScheduler",
         overrides: &[("use_karras_sigmas", Bool(true))],
     },
+    ShortName { name: "lms", class: "LMSDiscreteScheduler", overrides: &[] },
+    ShortName {
+        name: "lms-karras",
+        class: "LMSDiscreteScheduler",
+        overrides: &[("use_karras_sigmas", Bool(true))],
+    },
+    ShortName { name: "euler", class: "EulerDiscreteScheduler", overrides: &[] },
+    ShortName {
+        name: "euler-karras",
+        class: "EulerDiscreteScheduler",
+        overrides: &[("use_karras_sigmas", Bool(true))],
+    },
+    ShortName { name: "euler-a", class: "EulerAncestralDiscreteScheduler", overrides: &[] },
+    ShortName {
+        name: "euler-ancestral",
+        class: "EulerAncestralDiscreteScheduler",
+        overrides: &[],
+    },
+    ShortName { name: "heun", class: "HeunDiscreteScheduler", overrides: &[] },
+    ShortName {
+        name: "heun-karras",
+        class: "HeunDiscreteScheduler",
+        overrides: &[("use_karras_sigmas", Bool(true))],
+    },
+    ShortName { name: "dpm2", class: "KDPM2DiscreteScheduler", overrides: &[] },
+    ShortName {
+        name: "dpm2-karras",
+        class: "KDPM2DiscreteScheduler",
+        overrides: &[("use_karras_sigmas", Bool(true))],
+    },
+    ShortName { name: "dpm2-a", class: "KDPM2AncestralDiscreteScheduler", overrides: &[] },
+    ShortName {
+        name: "dpm2-a-karras",
+        class: "KDPM2AncestralDiscreteScheduler",
+        overrides: &[("use_karras_sigmas", Bool(true))],
+    },
 ];
 
 /// The diffusers class names this crate implements.
-pub const CLASS_NAMES: &[&str] = &["DDIMScheduler", "DDPMScheduler", "PNDMScheduler", "LCMScheduler", "TCDScheduler", "UniPCMultistepScheduler", "DEISMultistepScheduler"];
+pub const CLASS_NAMES: &[&str] = &["DDIMScheduler", "DDPMScheduler", "PNDMScheduler", "LCMScheduler", "TCDScheduler", "UniPCMultistepScheduler", "DEISMultistepScheduler", "LMSDiscreteScheduler", "EulerDiscreteScheduler", "EulerAncestralDiscreteScheduler", "HeunDiscreteScheduler", "KDPM2DiscreteScheduler", "KDPM2AncestralDiscreteScheduler"];
 
 /// Every accepted short name.
 pub fn short_names() -> impl Iterator<Item = &'static str> {
@@ -141,6 +177,18 @@ fn build<T: SchedulerTensor + 'static>(
         "DEISMultistepScheduler" => {
             Box::new(deis::DeisMultistepScheduler::<T>::from_config_map(map)?)
         }
+        "LMSDiscreteScheduler" => Box::new(lms::LmsDiscreteScheduler::<T>::from_config_map(map)?),
+        "EulerDiscreteScheduler" => Box::new(euler::EulerDiscreteScheduler::from_config_map(map)?),
+        "EulerAncestralDiscreteScheduler" => Box::new(
+            euler_ancestral::EulerAncestralDiscreteScheduler::from_config_map(map)?,
+        ),
+        "HeunDiscreteScheduler" => Box::new(heun::HeunDiscreteScheduler::<T>::from_config_map(map)?),
+        "KDPM2DiscreteScheduler" => {
+            Box::new(kdpm2::Kdpm2DiscreteScheduler::<T>::from_config_map(map)?)
+        }
+        "KDPM2AncestralDiscreteScheduler" => Box::new(
+            kdpm2_ancestral::Kdpm2AncestralDiscreteScheduler::<T>::from_config_map(map)?,
+        ),
         other => {
             return Err(Error::UnknownScheduler {
                 name: other.to_string(),
