@@ -47,6 +47,43 @@ const SHORT_NAMES: &[ShortName] = &[
     },
     ShortName { name: "lcm", class: "LCMScheduler", overrides: &[] },
     ShortName { name: "tcd", class: "TCDScheduler", overrides: &[] },
+    ShortName { name: "dpm++2m", class: "DPMSolverMultistepScheduler", overrides: &[] },
+    ShortName {
+        name: "dpm++2m-karras",
+        class: "DPMSolverMultistepScheduler",
+        overrides: &[("use_karras_sigmas", Bool(true))],
+    },
+    ShortName {
+        name: "dpm++2m-sde",
+        class: "DPMSolverMultistepScheduler",
+        overrides: &[("algorithm_type", Str("sde-dpmsolver++"))],
+    },
+    ShortName {
+        name: "dpm++2m-sde-karras",
+        class: "DPMSolverMultistepScheduler",
+        overrides: &[("algorithm_type", Str("sde-dpmsolver++")), ("use_karras_sigmas", Bool(true))],
+    },
+    ShortName {
+        name: "dpm++3m",
+        class: "DPMSolverMultistepScheduler",
+        overrides: &[("solver_order", Int(3))],
+    },
+    ShortName {
+        name: "dpm-solver",
+        class: "DPMSolverMultistepScheduler",
+        overrides: &[("algorithm_type", Str("dpmsolver")), ("final_sigmas_type", Str("sigma_min"))],
+    },
+    ShortName {
+        name: "dpm++2s",
+        class: "DPMSolverSinglestepScheduler",
+        overrides: &[("solver_order", Int(2))],
+    },
+    ShortName {
+        name: "dpm++2s-karras",
+        class: "DPMSolverSinglestepScheduler",
+        overrides: &[("solver_order", Int(2)), ("use_karras_sigmas", Bool(true))],
+    },
+    ShortName { name: "dpm++-singlestep", class: "DPMSolverSinglestepScheduler", overrides: &[] },
     ShortName { name: "unipc", class: "UniPCMultistepScheduler", overrides: &[] },
     ShortName {
         name: "unipc-karras",
@@ -103,7 +140,7 @@ const SHORT_NAMES: &[ShortName] = &[
 ];
 
 /// The diffusers class names this crate implements.
-pub const CLASS_NAMES: &[&str] = &["DDIMScheduler", "DDPMScheduler", "PNDMScheduler", "LCMScheduler", "TCDScheduler", "UniPCMultistepScheduler", "DEISMultistepScheduler", "LMSDiscreteScheduler", "EulerDiscreteScheduler", "EulerAncestralDiscreteScheduler", "HeunDiscreteScheduler", "KDPM2DiscreteScheduler", "KDPM2AncestralDiscreteScheduler"];
+pub const CLASS_NAMES: &[&str] = &["DDIMScheduler", "DDPMScheduler", "PNDMScheduler", "LCMScheduler", "TCDScheduler", "DPMSolverMultistepScheduler", "DPMSolverSinglestepScheduler", "UniPCMultistepScheduler", "DEISMultistepScheduler", "LMSDiscreteScheduler", "EulerDiscreteScheduler", "EulerAncestralDiscreteScheduler", "HeunDiscreteScheduler", "KDPM2DiscreteScheduler", "KDPM2AncestralDiscreteScheduler"];
 
 /// Every accepted short name.
 pub fn short_names() -> impl Iterator<Item = &'static str> {
@@ -171,6 +208,12 @@ fn build<T: SchedulerTensor + 'static>(
         "PNDMScheduler" => Box::new(pndm::PndmScheduler::<T>::from_config_map(map)?),
         "LCMScheduler" => Box::new(lcm::LcmScheduler::from_config_map(map)?),
         "TCDScheduler" => Box::new(tcd::TcdScheduler::from_config_map(map)?),
+        "DPMSolverMultistepScheduler" => Box::new(
+            dpm_solver_multistep::DpmSolverMultistepScheduler::<T>::from_config_map(map)?,
+        ),
+        "DPMSolverSinglestepScheduler" => Box::new(
+            dpm_solver_singlestep::DpmSolverSinglestepScheduler::<T>::from_config_map(map)?,
+        ),
         "UniPCMultistepScheduler" => {
             Box::new(unipc::UniPcMultistepScheduler::<T>::from_config_map(map)?)
         }
