@@ -35,6 +35,7 @@ pub trait SchedulerTensor: Clone {
     /// Copies the values to the host as `f64`, row-major.
     fn to_host(&self) -> Vec<f64>;
     /// A tensor of this kind (same device and dtype) holding `data` with `shape`.
+    #[allow(clippy::wrong_self_convention)]
     fn from_host_like(&self, data: Vec<f64>, shape: &[usize]) -> Self;
 
     /// `sum_i c_i * t_i`; the terms must be non-empty and of one shape.

@@ -50,7 +50,8 @@ impl<T: SchedulerTensor> Scheduler<T> for MyEuler {
     }
 
     fn init_noise_sigma(&self) -> f64 {
-        (self.sigmas[0].powi(2) + 1.0).sqrt()
+        // diffusers: sigma_max for linspace / trailing spacing, sqrt(sigma_max^2 + 1) for leading
+        self.sigmas[0]
     }
 
     fn scale_model_input(&mut self, sample: &T, _t: f64) -> Result<T> {

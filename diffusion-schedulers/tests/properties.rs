@@ -73,7 +73,16 @@ proptest! {
         config.set("beta_end", 0.012);
         for name in registry::CLASS_NAMES {
             let mut s = registry::from_config::<HostTensor>(name, &config).unwrap();
-            s.set_timesteps(steps).unwrap();
+            if let Err(e) = s.set_timesteps(steps) {
+                // Known limits, as in diffusers: LCM/TCD cannot take more steps than their
+                // distillation schedule (original_inference_steps = 50); PNDM's Runge-Kutta
+                // warm-up needs at least 4 steps. Anything else must succeed.
+                let allowed = matches!(*name, "LCMScheduler" | "TCDScheduler") && steps > 50
+                    || *name == "PNDMScheduler" && steps < 4;
+                prop_assert!(allowed, "{name} ({spacing}, {steps}): {e}");
+                prop_assert!(matches!(e, diffusion_core::Error::InvalidArgument(_) | diffusion_core::Error::InvalidConfig { .. } | diffusion_core::Error::Unsupported(_)), "{name}: {e}");
+                continue;
+            }
             let ts = s.timesteps();
             prop_assert!(!ts.is_empty(), "{name}: no timesteps");
             prop_assert!(ts.iter().all(|&t| (0.0..1000.0).contains(&t)), "{name}: {ts:?}");
