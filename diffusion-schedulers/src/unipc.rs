@@ -9,6 +9,13 @@
 //!
 //! Each `step` first *corrects* the sample it is given with UniC (using the model output just
 //! evaluated at it), then *predicts* the next sample with UniP from the stored outputs.
+//!
+//! Differences from diffusers: tables are `f64` (diffusers rounds its sigmas to `f32`, so
+//! trajectories agree to ~1e-6 relative, and to ~1e-15 against diffusers patched to `f64`
+//! tables); the last step to `sigma = 0` with `solver_type = "bh1"` or `predict_x0 = false`
+//! ends on its limit (the predicted `x0`) where diffusers computes `-inf * 0` / `0 * inf`
+//! and returns NaN; a timestep that is not in the schedule is an error rather than the
+//! last step; `solver_p` and the flow-matching keys are unsupported.
 
 use diffusion_core::config::{lenient_f64, lenient_opt_f64};
 use diffusion_core::{ConfigMap, Error, NoiseSource, Result, SchedulerTensor};
@@ -801,9 +808,12 @@ mod tests {
     #[test]
     fn runs_every_order_without_blowing_up() {
         for order in 1..=4 {
-            for bh1 in [false, true] {
+            // bh1 and the noise prediction give NaN at the final step to sigma = 0 in
+            // diffusers (`-inf * 0`, `0 * inf`); here they end on the limit, a finite sample
+            for (bh1, predict_x0) in [(false, true), (true, true), (false, false), (true, false)] {
                 let config = UniPcConfig {
                     solver_order: order,
+                    predict_x0,
                     solver_type: if bh1 {
                         UniPcSolverType::Bh1
                     } else {
@@ -824,5 +834,23 @@ mod tests {
                 );
             }
         }
+    }
+
+    #[test]
+    fn add_noise_uses_inference_sigmas() {
+        // diffusers 0.42.1: UniPCMultistepScheduler(); set_timesteps(10);
+        // add_noise(x0, noise, timesteps[[2, 5]]) (same for DEISMultistepScheduler)
+        let want = [0.139065277, 0.121562910, -0.148634008, 1.220887181];
+        let x0 = HostTensor::new(vec![1.0, -2.0, 0.5, 3.0], vec![2, 2]).unwrap();
+        let noise = HostTensor::new(vec![0.1, 0.2, -0.3, 0.4], vec![2, 2]).unwrap();
+        let mut s = UniPcMultistepScheduler::<HostTensor>::new(UniPcConfig::default()).unwrap();
+        Scheduler::<HostTensor>::set_timesteps(&mut s, 10).unwrap();
+        let ts = [s.timesteps[2], s.timesteps[5]];
+        assert_eq!(ts, [799.0, 500.0]);
+        let got = s.add_noise(&x0, &noise, &ts).unwrap();
+        for (g, w) in got.data().iter().zip(want) {
+            assert!((g - w).abs() < 1e-6, "{g} vs {w}");
+        }
+        assert!(s.add_noise(&x0, &noise, &[123.0]).is_err());
     }
 }
