@@ -198,9 +198,9 @@ impl NoiseSource for CountingNoise<'_> {
 /// a sampler without one, an inconsistent schedule, shape or noise list (including running
 /// out of recorded noise), and anything the sampler itself rejects.
 pub fn run_trace(case: &TraceCase) -> Result<TraceOutput> {
+    let mut scheduler = registry::from_config::<HostTensor>(&case.class, &case.config_map())?;
     let schedule = case.schedule()?;
     let sample = case.initial_sample()?;
-    let mut scheduler = registry::from_config::<HostTensor>(&case.class, &case.config_map())?;
     if let Some(eta) = case.eta
         && !scheduler.set_eta(eta)
         && eta != 0.0
