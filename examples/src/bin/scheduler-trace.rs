@@ -30,7 +30,10 @@ fn main() -> ExitCode {
     match run() {
         Ok(json) => {
             let mut stdout = std::io::stdout().lock();
-            if writeln!(stdout, "{json}").and_then(|()| stdout.flush()).is_err() {
+            if writeln!(stdout, "{json}")
+                .and_then(|()| stdout.flush())
+                .is_err()
+            {
                 return ExitCode::FAILURE;
             }
             ExitCode::SUCCESS
