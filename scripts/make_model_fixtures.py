@@ -950,12 +950,79 @@ def main():
     make_classcond()
     make_lcm()
     make_inpaint()
+    make_sd1_extra()
     make_t5()
     make_t5_tokenizer(merges)
     make_clip_full(merges)
     with open(os.path.join(OUT, "README.md"), "w", encoding="utf-8") as f:
-        f.write(README)
+        f.write(README + SD1_EXTRA_README)
     print("fixtures written to", OUT)
+
+
+# ---------------------------------------------------------------------------------------------
+# extra cases on the sd1-tiny weights (added for the U-Net/VAE parity tests)
+# ---------------------------------------------------------------------------------------------
+
+SD1_EXTRA_README = """
+## sd1-tiny-extra/reference.safetensors
+
+Extra cases computed with the **sd1-tiny** U-Net and VAE weights (no weights of its own):
+
+- `unet.sample` [1, 4, 9, 7] (not a multiple of the U-Net's downsampling factor, so diffusers
+  passes `upsample_size` to the upsamplers), `unet.encoder_hidden_states` [1, 7, 32],
+  `unet.timestep` [1] = 500 -> `unet.out`.
+- VAE tiling (`enable_tiling()` with `tile_sample_min_size` 16, `tile_latent_min_size` 8,
+  overlap 0.25; the sizes are in the metadata): `vae.tiled_image` [1, 3, 40, 36] ->
+  `vae.tiled_latent_mean`, `vae.tiled_latent_logvar` (tiled encode, ragged last tiles);
+  `vae.tiled_latent` [1, 4, 20, 18] -> `vae.tiled_decoded` (tiled decode).
+"""
+
+
+@torch.no_grad()
+def make_sd1_extra():
+    sd1 = os.path.join(OUT, "sd1-tiny")
+    path = fresh_dir("sd1-tiny-extra")
+    gen = torch.Generator().manual_seed(4242)
+    unet = UNet2DConditionModel.from_pretrained(os.path.join(sd1, "unet")).eval()
+    sample = randn(gen, 1, unet.config.in_channels, 9, 7)
+    ehs = randn(gen, 1, SEQ, unet.config.cross_attention_dim)
+    t = torch.tensor([500.0])
+    out = unet(sample, t, encoder_hidden_states=ehs).sample
+    ref = {
+        "unet.sample": sample,
+        "unet.encoder_hidden_states": ehs,
+        "unet.timestep": t,
+        "unet.out": out,
+    }
+
+    vae = AutoencoderKL.from_pretrained(os.path.join(sd1, "vae")).eval()
+    vae.enable_tiling()
+    vae.tile_sample_min_size = 16
+    vae.tile_latent_min_size = 8
+    vae.tile_overlap_factor = 0.25
+    image = torch.rand(1, 3, 40, 36, generator=gen) * 2.0 - 1.0
+    dist = vae.encode(image).latent_dist
+    latent = randn(gen, 1, vae.config.latent_channels, 20, 18)
+    decoded = vae.decode(latent).sample
+    assert dist.mean.shape[-2:] == (20, 18) and decoded.shape[-2:] == (40, 36)
+    ref.update(
+        {
+            "vae.tiled_image": image,
+            "vae.tiled_latent_mean": dist.mean,
+            "vae.tiled_latent_logvar": dist.logvar,
+            "vae.tiled_latent": latent,
+            "vae.tiled_decoded": decoded,
+        }
+    )
+    save_reference(
+        path,
+        {k: f32(v) for k, v in ref.items()},
+        {
+            "vae.tile_sample_min_size": "16",
+            "vae.tile_latent_min_size": "8",
+            "vae.tile_overlap_factor": "0.25",
+        },
+    )
 
 
 if __name__ == "__main__":

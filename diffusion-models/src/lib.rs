@@ -8,6 +8,7 @@ pub mod loading;
 
 pub mod nn;
 pub mod unet;
+pub mod vae;
 
 pub mod tensor;
 

@@ -220,3 +220,22 @@ fn missing_or_misshaped_conditioning_is_an_error() {
         .unwrap_err();
     assert!(matches!(err, Error::Shape(_)), "{err}");
 }
+
+#[test]
+fn odd_sized_sample_uses_the_skip_sizes_for_upsampling() {
+    let device = Default::default();
+    let dir = ModelDir::open(fixture("sd1-tiny")).unwrap();
+    let model = UNet2DConditionModel::<B>::load(&dir, "unet", None, &device).unwrap();
+    let reference = Reference::open("sd1-tiny-extra");
+    let got = model
+        .forward(
+            reference.f32("unet.sample"),
+            reference.f32("unet.timestep"),
+            reference.f32("unet.encoder_hidden_states"),
+            &UNetConditioning::default(),
+        )
+        .unwrap();
+    let (err, scale) = errors(got, reference.f32("unet.out"));
+    println!("sd1-tiny 9x7 sample: max abs err {err:e}, output max {scale}");
+    assert!(err <= TOLERANCE * scale, "{err} > {TOLERANCE} x {scale}");
+}

@@ -25,6 +25,8 @@ pub enum AttentionChunking {
     QueryChunks(usize),
 }
 
+// `#[derive(Default)]` does not combine with burn's `Config` derive on enums.
+#[allow(clippy::derivable_impls)]
 impl Default for AttentionChunking {
     fn default() -> Self {
         Self::Off
@@ -219,7 +221,7 @@ impl<B: Backend> Attention<B> {
                 let chunks = q
                     .split(n, 2)
                     .into_iter()
-                    .map(|qc| attention(qc, k.clone(), v.clone(), None, None, options.clone()))
+                    .map(|qc| attention(qc, k.clone(), v.clone(), None, None, options))
                     .collect();
                 Tensor::cat(chunks, 2)
             }

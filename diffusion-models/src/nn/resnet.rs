@@ -265,7 +265,7 @@ mod tests {
         // gn([1, 3]) = [-1, 1] (eps 1e-6 negligible); silu(-1) = -0.268941, silu(1) = 0.731059;
         // gn of that = [-1, 1] again, then silu.
         let silu = |v: f64| v / (1.0 + (-v).exp());
-        let gn1 = (1.0f64 / (1.0 + 1e-6f64).sqrt()) as f64;
+        let gn1 = 1.0f64 / (1.0 + 1e-6f64).sqrt();
         let a = [silu(-gn1), silu(gn1)];
         let m = (a[0] + a[1]) / 2.0;
         let s = (((a[0] - m).powi(2) + (a[1] - m).powi(2)) / 2.0 + 1e-6).sqrt();

@@ -524,7 +524,7 @@ impl UNet2DConditionConfig {
                 ));
             }
         }
-        if !(self.norm_eps > 0.0) {
+        if self.norm_eps.is_nan() || self.norm_eps <= 0.0 {
             return Err(Error::config("norm_eps", "must be positive"));
         }
         for (key, k) in [
@@ -535,7 +535,7 @@ impl UNet2DConditionConfig {
                 return Err(Error::config(key, format!("must be odd, got {k}")));
             }
         }
-        if !(self.mid_block_scale_factor > 0.0) {
+        if self.mid_block_scale_factor.is_nan() || self.mid_block_scale_factor <= 0.0 {
             return Err(Error::config("mid_block_scale_factor", "must be positive"));
         }
         let act = Activation::from_name(&self.act_fn, "act_fn")?;

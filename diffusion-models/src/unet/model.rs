@@ -22,6 +22,7 @@ use crate::nn::{
 
 /// The `class_embedding` layer; its type depends on `class_embed_type`.
 #[derive(Module, Debug)]
+#[allow(clippy::large_enum_variant)]
 pub enum ClassEmbedding<B: Backend> {
     /// `nn.Embedding` over class ids (`num_class_embeds`).
     Embedding(Embedding<B>),
@@ -161,9 +162,9 @@ impl UNet2DConditionConfig {
 
         let mut down_blocks = Vec::with_capacity(n);
         let mut out = c0;
-        for i in 0..n {
+        for (i, &channel) in channels.iter().enumerate() {
             let cin = out;
-            out = channels[i];
+            out = channel;
             let layers: &[usize] = match plan.down_types[i] {
                 DownBlockType::CrossAttn => &plan.down_transformer_layers[i],
                 DownBlockType::Plain => &[],
@@ -351,7 +352,7 @@ impl<B: Backend> UNet2DConditionModel<B> {
             };
             let [ids_batch, ids] = time_ids.dims();
             let input = embedding.linear_1.weight.val().dims()[0];
-            let text_width = input.checked_sub(ids * proj.num_channels).unwrap_or(0);
+            let text_width = input.saturating_sub(ids * proj.num_channels);
             check_2d(text_embeds, batch, text_width, "text_embeds")?;
             if ids_batch != batch || text_width == 0 {
                 return Err(Error::Shape(format!(
