@@ -8,8 +8,10 @@ pub mod loading;
 
 pub mod nn;
 pub mod unet;
+pub mod unet2d;
 pub mod vae;
 
 pub mod tensor;
 
 pub mod t5;
+pub mod tokenizer;

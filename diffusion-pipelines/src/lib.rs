@@ -7,4 +7,5 @@ pub use diffusion_schedulers as schedulers;
 
 pub mod data;
 pub mod image_io;
+pub mod stable_diffusion;
 pub mod train;

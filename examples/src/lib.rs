@@ -1,1 +1,7 @@
-//! Shared helpers of the example programs.
+//! Shared code of the example programs: the `diffusion` command's subcommands.
+#![warn(missing_docs)]
+
+pub mod cli;
+pub mod embedded;
+pub mod train_cli;
+pub mod weights;

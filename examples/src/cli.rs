@@ -1,0 +1,353 @@
+//! The `diffusion` command's subcommands, kept in the library so they are testable.
+
+use std::ops::ControlFlow;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::Instant;
+
+use burn::tensor::backend::Backend;
+use clap::{Args, ValueEnum};
+use diffusion_pipelines::core::{Error, ModelDir, Result, SeededNoise};
+use diffusion_pipelines::image_io::{NpyArray, RgbImage};
+use diffusion_pipelines::models::tokenizer::ClipTokenizer;
+use diffusion_pipelines::stable_diffusion::{GenerateOptions, StableDiffusionPipeline};
+use indicatif::{ProgressBar, ProgressStyle};
+
+/// Where the model runs.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum DeviceKind {
+    /// The CPU (Burn's ndarray backend).
+    Cpu,
+    /// A GPU through wgpu (Vulkan, Metal, DX12).
+    Wgpu,
+    /// An NVIDIA GPU through CUDA.
+    Cuda,
+}
+
+/// Floating-point precision of the weights and activations.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum DType {
+    /// 32-bit floats.
+    F32,
+    /// 16-bit IEEE floats.
+    F16,
+    /// bfloat16.
+    Bf16,
+}
+
+/// `diffusion generate` arguments.
+#[derive(Debug, Clone, Args)]
+pub struct GenerateArgs {
+    /// A diffusers-format model folder (default: the embedded shapes model).
+    #[arg(long)]
+    pub model: Option<PathBuf>,
+    /// What to draw.
+    #[arg(long)]
+    pub prompt: String,
+    /// What to steer away from.
+    #[arg(long)]
+    pub negative_prompt: Option<String>,
+    /// Sampler: a diffusers class name or a short name (ddim, euler, euler-a, dpm++2m,
+    /// dpm++2m-karras, unipc, lcm, ...); default: the model's own.
+    #[arg(long)]
+    pub scheduler: Option<String>,
+    /// Denoising steps.
+    #[arg(long, default_value_t = 30)]
+    pub steps: usize,
+    /// Classifier-free guidance scale (off at 1).
+    #[arg(long, default_value_t = 7.5)]
+    pub guidance: f64,
+    /// Random seed of the initial noise and any sampler noise.
+    #[arg(long, default_value_t = 0)]
+    pub seed: u64,
+    /// Image height in pixels (multiple of 8; default: the model's).
+    #[arg(long)]
+    pub height: Option<usize>,
+    /// Image width in pixels (multiple of 8; default: the model's).
+    #[arg(long)]
+    pub width: Option<usize>,
+    /// Number of images.
+    #[arg(long, default_value_t = 1)]
+    pub num_images: usize,
+    /// Initial latents, float32 [batch, 4, H/8, W/8] .npy (diffusers' `latents=`).
+    #[arg(long)]
+    pub latents: Option<PathBuf>,
+    /// Source image for image-to-image or inpainting (PNG/JPEG).
+    #[arg(long)]
+    pub init_image: Option<PathBuf>,
+    /// How much of the source image to re-draw, in (0, 1].
+    #[arg(long, default_value_t = 0.8)]
+    pub strength: f64,
+    /// Inpainting mask (white = repaint), same size as the source image.
+    #[arg(long)]
+    pub mask: Option<PathBuf>,
+    /// Output PNG (with `-N` before the extension for several images).
+    #[arg(long, default_value = "image.png")]
+    pub output: PathBuf,
+    /// Also write the images as float32 [batch, H, W, 3] in [0, 1] (.npy).
+    #[arg(long)]
+    pub output_npy: Option<PathBuf>,
+    /// Where to run.
+    #[arg(long, value_enum, default_value_t = DeviceKind::Cpu)]
+    pub device: DeviceKind,
+    /// Precision.
+    #[arg(long, value_enum, default_value_t = DType::F32)]
+    pub dtype: DType,
+}
+
+fn model_dir(model: Option<&Path>) -> Result<PathBuf> {
+    match model {
+        Some(m) => Ok(m.to_path_buf()),
+        None => crate::embedded::default_model_dir(),
+    }
+}
+
+/// `diffusion tokenize`.
+pub fn tokenize(model: Option<&Path>, text: &str) -> Result<()> {
+    let dir = ModelDir::open(model_dir(model)?)?;
+    let tokenizer = ClipTokenizer::from_model_dir(&dir, "tokenizer")?;
+    let ids = tokenizer.encode(text)?;
+    println!("{}", serde_json::to_string(&ids).expect("ids serialise"));
+    Ok(())
+}
+
+/// `diffusion info`.
+pub fn info(model: Option<&Path>) -> Result<()> {
+    let path = model_dir(model)?;
+    let dir = ModelDir::open(&path)?;
+    println!("model: {}", path.display());
+    if let Some(class) = dir.class_name() {
+        println!("pipeline: {class}");
+    }
+    for (name, spec) in dir.components() {
+        let Some(spec) = spec else {
+            println!("\n{name}: (none)");
+            continue;
+        };
+        println!("\n{name}: {} ({})", spec.class_name, spec.library);
+        if let Ok(config) = dir.config(name) {
+            let mut keys: Vec<_> = config
+                .0
+                .iter()
+                .filter(|(k, _)| !k.starts_with('_'))
+                .collect();
+            keys.sort_by(|a, b| a.0.cmp(b.0));
+            for (k, v) in keys {
+                println!("  {k}: {v}");
+            }
+        }
+        if let Ok(weights) = dir.weight_files(name, None) {
+            let summary = crate::weights::summarize(&weights.files)?;
+            println!(
+                "  weights: {} file(s), {} tensors, {} parameters, dtypes {}",
+                weights.files.len(),
+                summary.tensors,
+                summary.parameters,
+                summary.dtypes.join(", ")
+            );
+        }
+    }
+    Ok(())
+}
+
+/// `diffusion generate`.
+pub fn generate(args: &GenerateArgs) -> Result<()> {
+    if args.dtype != DType::F32 {
+        return Err(Error::Unsupported(format!(
+            "--dtype {:?}: this build runs f32 only",
+            args.dtype
+        )));
+    }
+    match args.device {
+        #[cfg(feature = "ndarray")]
+        DeviceKind::Cpu => run::<burn::backend::NdArray<f32>>(args, &Default::default()),
+        #[cfg(feature = "wgpu")]
+        DeviceKind::Wgpu => run::<burn::backend::Wgpu<f32>>(args, &Default::default()),
+        #[cfg(feature = "cuda")]
+        DeviceKind::Cuda => run::<burn::backend::Cuda<f32>>(args, &Default::default()),
+        #[allow(unreachable_patterns)]
+        other => Err(Error::Unsupported(format!(
+            "--device {other:?}: this binary was built without that backend (cargo feature `{}`)",
+            match other {
+                DeviceKind::Cpu => "ndarray",
+                DeviceKind::Wgpu => "wgpu",
+                DeviceKind::Cuda => "cuda",
+            }
+        ))),
+    }
+}
+
+fn load_mask(path: &Path, width: u32, height: u32) -> Result<Vec<f32>> {
+    let img = RgbImage::open(path)?;
+    if (img.width, img.height) != (width, height) {
+        return Err(Error::InvalidArgument(format!(
+            "the mask {} is {}x{}, the image is {width}x{height}",
+            path.display(),
+            img.width,
+            img.height
+        )));
+    }
+    Ok(img
+        .pixels
+        .chunks_exact(3)
+        .map(|p| (0.299 * p[0] as f32 + 0.587 * p[1] as f32 + 0.114 * p[2] as f32) / 255.0)
+        .collect())
+}
+
+fn run<B: Backend>(args: &GenerateArgs, device: &B::Device) -> Result<()> {
+    let dir = model_dir(args.model.as_deref())?;
+    if !(args.strength > 0.0 && args.strength <= 1.0) {
+        return Err(Error::InvalidArgument(format!(
+            "--strength must be in (0, 1], got {}",
+            args.strength
+        )));
+    }
+    if args.mask.is_some() && args.init_image.is_none() {
+        return Err(Error::InvalidArgument("--mask needs --init-image".into()));
+    }
+    let mut opts = GenerateOptions::prompt(args.prompt.clone());
+    opts.negative_prompts = args.negative_prompt.clone().map(|n| vec![n]);
+    opts.steps = args.steps;
+    opts.guidance_scale = args.guidance;
+    opts.images_per_prompt = args.num_images;
+    opts.height = args.height;
+    opts.width = args.width;
+    opts.strength = args.strength;
+    if let Some(path) = &args.init_image {
+        let img = RgbImage::open(path)?;
+        let (w, h) = (img.width as usize, img.height as usize);
+        if opts.height.is_some_and(|x| x != h) || opts.width.is_some_and(|x| x != w) {
+            return Err(Error::InvalidArgument(format!(
+                "the init image {} is {w}x{h}, but --width/--height ask for {}x{}",
+                path.display(),
+                opts.width.unwrap_or(w),
+                opts.height.unwrap_or(h)
+            )));
+        }
+        if w % 8 != 0 || h % 8 != 0 {
+            return Err(Error::InvalidArgument(format!(
+                "the init image {} is {w}x{h}; both sides must be multiples of 8",
+                path.display()
+            )));
+        }
+        opts.height = Some(h);
+        opts.width = Some(w);
+        if let Some(mask) = &args.mask {
+            opts.mask = Some(load_mask(mask, img.width, img.height)?);
+        }
+        opts.init_image = Some(img.to_chw_unit());
+    }
+    if let Some(path) = &args.latents {
+        let arr = NpyArray::read(path)?;
+        if arr.shape.len() != 4 || arr.shape[0] != args.num_images {
+            return Err(Error::InvalidArgument(format!(
+                "{}: latents must be float32 [{}, 4, H/8, W/8], got {:?}",
+                path.display(),
+                args.num_images,
+                arr.shape
+            )));
+        }
+        opts.latents = Some(arr.data);
+    }
+
+    let load_start = Instant::now();
+    let mut pipe = StableDiffusionPipeline::<B>::from_pretrained(&dir, device)?;
+    if let Some(name) = &args.scheduler {
+        pipe.set_scheduler_by_name(name)?;
+    }
+    if let Some(arr) = &args.latents {
+        // Checked here, where the model's latent size is known.
+        let (h, w) = (
+            opts.height.unwrap_or(pipe.default_size().0),
+            opts.width.unwrap_or(pipe.default_size().1),
+        );
+        let f = pipe.vae_scale_factor();
+        let expected = args.num_images * 4 * (h / f) * (w / f);
+        if opts.latents.as_ref().map(Vec::len) != Some(expected) {
+            return Err(Error::InvalidArgument(format!(
+                "{}: latents do not fit a {w}x{h} image ([{}, 4, {}, {}])",
+                arr.display(),
+                args.num_images,
+                h / f,
+                w / f
+            )));
+        }
+    }
+    eprintln!(
+        "loaded {} in {:.2}s; sampler {}",
+        dir.display(),
+        load_start.elapsed().as_secs_f64(),
+        pipe.scheduler().name()
+    );
+
+    let interrupted = Arc::new(AtomicBool::new(false));
+    {
+        let flag = interrupted.clone();
+        // A second Ctrl-C while the handler is installed just sets the flag again.
+        let _ = ctrlc::set_handler(move || flag.store(true, Ordering::SeqCst));
+    }
+    let bar = ProgressBar::new(args.steps as u64);
+    bar.set_style(
+        ProgressStyle::with_template(
+            "{bar:40} {pos}/{len} steps [{elapsed_precise}<{eta_precise}] {msg}",
+        )
+        .expect("valid template"),
+    );
+    let start = Instant::now();
+    let mut noise = SeededNoise::new(args.seed);
+    let result = pipe.generate(&opts, &mut noise, &mut |info, _| {
+        bar.set_length(info.total as u64);
+        bar.set_position(info.step as u64 + 1);
+        if interrupted.load(Ordering::SeqCst) {
+            ControlFlow::Break(())
+        } else {
+            ControlFlow::Continue(())
+        }
+    });
+    bar.finish_and_clear();
+    let out = result?;
+    let total = start.elapsed().as_secs_f64();
+    let steps_run = args.steps.max(1);
+    eprintln!(
+        "{steps_run} steps in {total:.2}s ({:.3}s per step, VAE decode included)",
+        total / steps_run as f64
+    );
+
+    let metadata = vec![
+        ("prompt".to_string(), args.prompt.clone()),
+        (
+            "negative_prompt".to_string(),
+            args.negative_prompt.clone().unwrap_or_default(),
+        ),
+        ("seed".to_string(), args.seed.to_string()),
+        ("steps".to_string(), args.steps.to_string()),
+        ("guidance".to_string(), args.guidance.to_string()),
+        ("scheduler".to_string(), pipe.scheduler().name().to_string()),
+        ("model".to_string(), dir.display().to_string()),
+    ];
+    for (i, img) in out.images.iter().enumerate() {
+        let path = if out.images.len() == 1 {
+            args.output.clone()
+        } else {
+            numbered(&args.output, i)
+        };
+        img.save_png(&path, &metadata)?;
+        eprintln!("wrote {}", path.display());
+    }
+    if let Some(path) = &args.output_npy {
+        NpyArray {
+            shape: out.shape.to_vec(),
+            data: out.array,
+        }
+        .write(path)?;
+        eprintln!("wrote {}", path.display());
+    }
+    Ok(())
+}
+
+fn numbered(path: &Path, i: usize) -> PathBuf {
+    let stem = path.file_stem().and_then(|s| s.to_str()).unwrap_or("image");
+    let ext = path.extension().and_then(|s| s.to_str()).unwrap_or("png");
+    path.with_file_name(format!("{stem}-{i}.{ext}"))
+}
