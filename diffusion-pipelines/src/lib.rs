@@ -6,6 +6,7 @@ pub use diffusion_models as models;
 pub use diffusion_schedulers as schedulers;
 
 pub mod data;
+pub mod ddpm_pipeline;
 pub mod image_io;
 pub mod stable_diffusion;
 pub mod train;
