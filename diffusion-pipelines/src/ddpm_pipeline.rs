@@ -160,7 +160,11 @@ impl<B: Backend> DdpmPipeline<B> {
         }
         let [height, width] = self.sample_size()?;
         let factor = self.unet.downsampling_factor();
-        if height == 0 || width == 0 || height % factor != 0 || width % factor != 0 {
+        if height == 0
+            || width == 0
+            || !height.is_multiple_of(factor)
+            || !width.is_multiple_of(factor)
+        {
             return Err(Error::InvalidArgument(format!(
                 "height and width must be positive multiples of {factor}, got {height}x{width}"
             )));

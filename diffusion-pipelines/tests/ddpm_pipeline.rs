@@ -225,3 +225,34 @@ fn other_sizes_samplers_and_interruption() {
         .unwrap_err();
     assert!(matches!(err, Error::Interrupted), "{err}");
 }
+
+#[test]
+fn learned_variance_and_greyscale_models_run() {
+    use diffusion_core::ConfigMap;
+    use diffusion_models::unet2d::UNet2DConfig;
+    use diffusion_schedulers::registry;
+
+    let device = Default::default();
+    // One input channel, two output channels: the DDPM sampler splits off the variance.
+    let config = UNet2DConfig::from_json(
+        r#"{"in_channels": 1, "out_channels": 2, "sample_size": 4,
+            "block_out_channels": [4, 8], "norm_num_groups": 2, "attention_head_dim": 4,
+            "layers_per_block": 1, "down_block_types": ["DownBlock2D", "AttnDownBlock2D"],
+            "up_block_types": ["AttnUpBlock2D", "UpBlock2D"]}"#,
+    )
+    .unwrap();
+    let unet = config.init::<B>(&device).unwrap();
+    let scheduler_config = ConfigMap::parse(
+        r#"{"_class_name": "DDPMScheduler", "variance_type": "learned_range"}"#,
+        "scheduler",
+    )
+    .unwrap();
+    let scheduler = registry::from_class_config(&scheduler_config).unwrap();
+    let mut pipe = DdpmPipeline::from_parts(unet, config, scheduler, scheduler_config, &device);
+    let out = pipe
+        .generate(2, 4, None, &mut SeededNoise::new(3), &mut no_callback())
+        .unwrap();
+    assert_eq!(out.shape, [2, 4, 4, 1]);
+    assert_eq!(out.images[1].pixels.len(), 4 * 4 * 3);
+    assert!(out.array.iter().all(|v| (0.0..=1.0).contains(v)));
+}

@@ -360,7 +360,10 @@ impl UNet2DConfig {
         if norm_num_groups == 0 {
             return Err(Error::config("norm_num_groups", "must be positive"));
         }
-        if let Some(&c) = channels.iter().find(|&&c| c % norm_num_groups != 0) {
+        if let Some(&c) = channels
+            .iter()
+            .find(|&&c| !c.is_multiple_of(norm_num_groups))
+        {
             return Err(Error::config(
                 "norm_num_groups",
                 format!("{norm_num_groups} groups do not divide {c} channels"),
@@ -369,7 +372,7 @@ impl UNet2DConfig {
         let last = channels[n - 1];
         let mid_attention_groups = match (self.attn_norm_num_groups, time_embedding_norm) {
             (Some(0), _) => return Err(Error::config("attn_norm_num_groups", "must be positive")),
-            (Some(g), _) if last % g != 0 => {
+            (Some(g), _) if !last.is_multiple_of(g) => {
                 return Err(Error::config(
                     "attn_norm_num_groups",
                     format!("{g} groups do not divide {last} channels"),

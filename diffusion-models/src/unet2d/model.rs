@@ -352,7 +352,11 @@ impl<B: Backend> UNet2DModel<B> {
             )));
         }
         let factor = self.downsampling_factor();
-        if height == 0 || width == 0 || height % factor != 0 || width % factor != 0 {
+        if height == 0
+            || width == 0
+            || !height.is_multiple_of(factor)
+            || !width.is_multiple_of(factor)
+        {
             return Err(Error::Shape(format!(
                 "sample is {height}x{width}; this U-Net needs positive multiples of {factor}"
             )));
