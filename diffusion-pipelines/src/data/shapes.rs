@@ -198,6 +198,22 @@ impl ShapesDataset {
         }
     }
 
+    /// The generator behind the stream (its state is the stream's position, e.g. for
+    /// checkpoints).
+    pub fn rng(&self) -> &ChaCha8Rng {
+        &self.rng
+    }
+
+    /// Mutable access to the generator, e.g. to restore a saved position.
+    pub fn rng_mut(&mut self) -> &mut ChaCha8Rng {
+        &mut self.rng
+    }
+
+    /// The image side in pixels.
+    pub fn side(&self) -> u32 {
+        self.side
+    }
+
     /// The next example: the scene, its image and a caption.
     pub fn next_example(&mut self) -> (ShapeScene, RgbImage, String) {
         let scene = ShapeScene::random(&mut self.rng);

@@ -87,15 +87,25 @@ pub fn grad_norm<B: AutodiffBackend, M: AutodiffModule<B>>(
     module: &M,
     grads: &mut GradientsParams,
 ) -> f64 {
-    let mut total = 0.0f64;
+    // Sums of squares stay on the device; one read-back for the whole model.
+    let mut squares: Vec<Tensor<B::InnerBackend, 1>> = Vec::new();
     for (id, rank) in float_param_ids::<B, M>(module) {
-        if let Some(sq) = with_rank::<B, f64>(grads, id, rank, &mut |_, _, g| {
-            g.flat.powf_scalar(2.0).sum().into_scalar().elem::<f64>()
-        }) {
-            total += sq;
+        if let Some(sq) =
+            with_rank::<B, Tensor<B::InnerBackend, 1>>(grads, id, rank, &mut |_, _, g| {
+                g.flat.powf_scalar(2.0).sum()
+            })
+        {
+            squares.push(sq);
         }
     }
-    total.sqrt()
+    if squares.is_empty() {
+        return 0.0;
+    }
+    Tensor::cat(squares, 0)
+        .sum()
+        .into_scalar()
+        .elem::<f64>()
+        .sqrt()
 }
 
 /// Scales all gradients so their global norm is at most `max_norm`; returns the norm before

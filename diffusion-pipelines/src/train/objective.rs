@@ -7,11 +7,14 @@
 use diffusion_core::{Error, Result};
 use diffusion_schedulers::{NoiseSchedule, PredictionType};
 use rand::Rng;
+use serde::{Deserialize, Serialize};
 
 /// How training timesteps are drawn.
-#[derive(Debug, Clone, PartialEq)]
+#[derive(Debug, Clone, PartialEq, Default, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
 pub enum TimestepSampling {
     /// Uniform over `[0, num_train_timesteps)`.
+    #[default]
     Uniform,
     /// From explicit (unnormalised, non-negative) weights, one per training timestep.
     Weights(Vec<f64>),
