@@ -34,6 +34,7 @@ from diffusers import (
     StableDiffusionImg2ImgPipeline,
     StableDiffusionInpaintPipeline,
     StableDiffusionPipeline,
+    StableDiffusionXLPipeline,
     UNet2DConditionModel,
     UniPCMultistepScheduler,
 )
@@ -188,6 +189,20 @@ def main():
     lat = np.random.default_rng(99).standard_normal((1, 4, h // vsf, w // vsf)).astype(np.float32)
     run("sd1-tiny+unet9/inpaint/ddim", inpaint9, "inpaint", "ddim", 31,
         prompt="a red circle on a blue background", guidance_scale=7.5, strength=1.0,
+        latents=lat.tolist(), height=h, width=w, num_inference_steps=4)
+
+    # SDXL: two text encoders, pooled text embeddings and size conditioning.
+    xl = StableDiffusionXLPipeline.from_pretrained(os.path.join(MODELS, "unet-sdxl-tiny"), torch_dtype=torch.float32)
+    xl.set_progress_bar_config(disable=True)
+    vsf = xl.vae_scale_factor
+    h = w = xl.unet.config.sample_size * vsf
+    lat = np.random.default_rng(7).standard_normal((1, 4, h // vsf, w // vsf)).astype(np.float32)
+    for sched in ("euler", "ddim"):
+        run(f"unet-sdxl-tiny/txt2img/{sched}/cfg5-neg", xl, "txt2img", sched, 40,
+            prompt="a red circle on a blue background", negative_prompt="blurry", guidance_scale=5.0,
+            latents=lat.tolist(), height=h, width=w, num_inference_steps=4)
+    run("unet-sdxl-tiny/txt2img/euler/cfg5-zero-negative", xl, "txt2img", "euler", 41,
+        prompt="a red circle on a blue background", guidance_scale=5.0,
         latents=lat.tolist(), height=h, width=w, num_inference_steps=4)
 
     os.makedirs(OUT, exist_ok=True)
