@@ -137,7 +137,10 @@ pub fn sigma_to_t(sigma: f64, log_sigmas: &[f64]) -> f64 {
     let log_sigma = sigma.max(1e-10).ln();
     let n = log_sigmas.len();
     // index of the last log_sigma <= log_sigma, clipped to n - 2
-    let count = log_sigmas.iter().filter(|&&ls| log_sigma - ls >= 0.0).count();
+    let count = log_sigmas
+        .iter()
+        .filter(|&&ls| log_sigma - ls >= 0.0)
+        .count();
     let low_idx = count.saturating_sub(1).min(n - 2);
     let high_idx = low_idx + 1;
     let (low, high) = (log_sigmas[low_idx], log_sigmas[high_idx]);
@@ -425,7 +428,10 @@ pub fn vp_inference_sigmas(
         let grid: Vec<f64> = (0..train.len()).map(|i| i as f64).collect();
         return VpInferenceSigmas {
             timesteps: timesteps.to_vec(),
-            sigmas: timesteps.iter().map(|&t| interp(t, &grid, &train)).collect(),
+            sigmas: timesteps
+                .iter()
+                .map(|&t| interp(t, &grid, &train))
+                .collect(),
         };
     }
     let log_sigmas: Vec<f64> = train.iter().map(|s| s.ln()).collect();

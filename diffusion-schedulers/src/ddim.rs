@@ -169,10 +169,17 @@ impl<T: SchedulerTensor> Scheduler<T> for DdimScheduler {
             n,
             self.config.steps_offset,
         );
-        if let Some(t) = self.timesteps.iter().find(|&&t| t >= self.config.num_train_timesteps as f64) {
+        if let Some(t) = self
+            .timesteps
+            .iter()
+            .find(|&&t| t >= self.config.num_train_timesteps as f64)
+        {
             return Err(Error::config(
                 "steps_offset",
-                format!("puts timestep {t} outside the {} training timesteps", self.config.num_train_timesteps),
+                format!(
+                    "puts timestep {t} outside the {} training timesteps",
+                    self.config.num_train_timesteps
+                ),
             ));
         }
         self.num_inference_steps = n;
@@ -197,7 +204,9 @@ impl<T: SchedulerTensor> Scheduler<T> for DdimScheduler {
         let c = &self.config;
         let t = timestep.round() as i64;
         if t < 0 || t as usize >= c.num_train_timesteps {
-            return Err(Error::InvalidArgument(format!("timestep {timestep} out of range")));
+            return Err(Error::InvalidArgument(format!(
+                "timestep {timestep} out of range"
+            )));
         }
         // 1. previous timestep
         let prev_t = t - (c.num_train_timesteps / self.num_inference_steps) as i64;
@@ -228,7 +237,8 @@ impl<T: SchedulerTensor> Scheduler<T> for DdimScheduler {
             pred_x0 = pred_x0.clamp(-c.clip_sample_range, c.clip_sample_range);
         }
         // 5. sigma_t(eta), eq. 16
-        let variance = (1.0 - alpha_prod_t_prev) / beta_prod_t * (1.0 - alpha_prod_t / alpha_prod_t_prev);
+        let variance =
+            (1.0 - alpha_prod_t_prev) / beta_prod_t * (1.0 - alpha_prod_t / alpha_prod_t_prev);
         let std_dev_t = self.eta * variance.sqrt();
         if self.use_clipped_model_output {
             pred_eps = T::lincomb(&[(1.0 / s, sample), (-a / s, &pred_x0)]);
@@ -264,7 +274,9 @@ mod tests {
     fn spacing_matches_diffusers() {
         assert_eq!(
             spaced_timesteps(TimestepSpacing::Leading, 1000, 10, 1),
-            vec![901.0, 801.0, 701.0, 601.0, 501.0, 401.0, 301.0, 201.0, 101.0, 1.0]
+            vec![
+                901.0, 801.0, 701.0, 601.0, 501.0, 401.0, 301.0, 201.0, 101.0, 1.0
+            ]
         );
         assert_eq!(
             spaced_timesteps(TimestepSpacing::Trailing, 1000, 3, 0),

@@ -37,17 +37,41 @@ impl From<Override> for Value {
 use Override::{Bool, Int, Str};
 
 const SHORT_NAMES: &[ShortName] = &[
-    ShortName { name: "ddim", class: "DDIMScheduler", overrides: &[] },
-    ShortName { name: "ddpm", class: "DDPMScheduler", overrides: &[] },
-    ShortName { name: "pndm", class: "PNDMScheduler", overrides: &[] },
+    ShortName {
+        name: "ddim",
+        class: "DDIMScheduler",
+        overrides: &[],
+    },
+    ShortName {
+        name: "ddpm",
+        class: "DDPMScheduler",
+        overrides: &[],
+    },
+    ShortName {
+        name: "pndm",
+        class: "PNDMScheduler",
+        overrides: &[],
+    },
     ShortName {
         name: "plms",
         class: "PNDMScheduler",
         overrides: &[("skip_prk_steps", Bool(true))],
     },
-    ShortName { name: "lcm", class: "LCMScheduler", overrides: &[] },
-    ShortName { name: "tcd", class: "TCDScheduler", overrides: &[] },
-    ShortName { name: "dpm++2m", class: "DPMSolverMultistepScheduler", overrides: &[] },
+    ShortName {
+        name: "lcm",
+        class: "LCMScheduler",
+        overrides: &[],
+    },
+    ShortName {
+        name: "tcd",
+        class: "TCDScheduler",
+        overrides: &[],
+    },
+    ShortName {
+        name: "dpm++2m",
+        class: "DPMSolverMultistepScheduler",
+        overrides: &[],
+    },
     ShortName {
         name: "dpm++2m-karras",
         class: "DPMSolverMultistepScheduler",
@@ -61,7 +85,10 @@ const SHORT_NAMES: &[ShortName] = &[
     ShortName {
         name: "dpm++2m-sde-karras",
         class: "DPMSolverMultistepScheduler",
-        overrides: &[("algorithm_type", Str("sde-dpmsolver++")), ("use_karras_sigmas", Bool(true))],
+        overrides: &[
+            ("algorithm_type", Str("sde-dpmsolver++")),
+            ("use_karras_sigmas", Bool(true)),
+        ],
     },
     ShortName {
         name: "dpm++3m",
@@ -71,7 +98,10 @@ const SHORT_NAMES: &[ShortName] = &[
     ShortName {
         name: "dpm-solver",
         class: "DPMSolverMultistepScheduler",
-        overrides: &[("algorithm_type", Str("dpmsolver")), ("final_sigmas_type", Str("sigma_min"))],
+        overrides: &[
+            ("algorithm_type", Str("dpmsolver")),
+            ("final_sigmas_type", Str("sigma_min")),
+        ],
     },
     ShortName {
         name: "dpm++2s",
@@ -83,8 +113,16 @@ const SHORT_NAMES: &[ShortName] = &[
         class: "DPMSolverSinglestepScheduler",
         overrides: &[("solver_order", Int(2)), ("use_karras_sigmas", Bool(true))],
     },
-    ShortName { name: "dpm++-singlestep", class: "DPMSolverSinglestepScheduler", overrides: &[] },
-    ShortName { name: "unipc", class: "UniPCMultistepScheduler", overrides: &[] },
+    ShortName {
+        name: "dpm++-singlestep",
+        class: "DPMSolverSinglestepScheduler",
+        overrides: &[],
+    },
+    ShortName {
+        name: "unipc",
+        class: "UniPCMultistepScheduler",
+        overrides: &[],
+    },
     ShortName {
         name: "unipc-karras",
         class: "UniPCMultistepScheduler",
@@ -95,43 +133,71 @@ const SHORT_NAMES: &[ShortName] = &[
         class: "UniPCMultistepScheduler",
         overrides: &[("solver_type", Str("bh1"))],
     },
-    ShortName { name: "deis", class: "DEISMultistepScheduler", overrides: &[] },
+    ShortName {
+        name: "deis",
+        class: "DEISMultistepScheduler",
+        overrides: &[],
+    },
     ShortName {
         name: "deis-karras",
         class: "DEISMultistepScheduler",
         overrides: &[("use_karras_sigmas", Bool(true))],
     },
-    ShortName { name: "lms", class: "LMSDiscreteScheduler", overrides: &[] },
+    ShortName {
+        name: "lms",
+        class: "LMSDiscreteScheduler",
+        overrides: &[],
+    },
     ShortName {
         name: "lms-karras",
         class: "LMSDiscreteScheduler",
         overrides: &[("use_karras_sigmas", Bool(true))],
     },
-    ShortName { name: "euler", class: "EulerDiscreteScheduler", overrides: &[] },
+    ShortName {
+        name: "euler",
+        class: "EulerDiscreteScheduler",
+        overrides: &[],
+    },
     ShortName {
         name: "euler-karras",
         class: "EulerDiscreteScheduler",
         overrides: &[("use_karras_sigmas", Bool(true))],
     },
-    ShortName { name: "euler-a", class: "EulerAncestralDiscreteScheduler", overrides: &[] },
+    ShortName {
+        name: "euler-a",
+        class: "EulerAncestralDiscreteScheduler",
+        overrides: &[],
+    },
     ShortName {
         name: "euler-ancestral",
         class: "EulerAncestralDiscreteScheduler",
         overrides: &[],
     },
-    ShortName { name: "heun", class: "HeunDiscreteScheduler", overrides: &[] },
+    ShortName {
+        name: "heun",
+        class: "HeunDiscreteScheduler",
+        overrides: &[],
+    },
     ShortName {
         name: "heun-karras",
         class: "HeunDiscreteScheduler",
         overrides: &[("use_karras_sigmas", Bool(true))],
     },
-    ShortName { name: "dpm2", class: "KDPM2DiscreteScheduler", overrides: &[] },
+    ShortName {
+        name: "dpm2",
+        class: "KDPM2DiscreteScheduler",
+        overrides: &[],
+    },
     ShortName {
         name: "dpm2-karras",
         class: "KDPM2DiscreteScheduler",
         overrides: &[("use_karras_sigmas", Bool(true))],
     },
-    ShortName { name: "dpm2-a", class: "KDPM2AncestralDiscreteScheduler", overrides: &[] },
+    ShortName {
+        name: "dpm2-a",
+        class: "KDPM2AncestralDiscreteScheduler",
+        overrides: &[],
+    },
     ShortName {
         name: "dpm2-a-karras",
         class: "KDPM2AncestralDiscreteScheduler",
@@ -140,7 +206,23 @@ const SHORT_NAMES: &[ShortName] = &[
 ];
 
 /// The diffusers class names this crate implements.
-pub const CLASS_NAMES: &[&str] = &["DDIMScheduler", "DDPMScheduler", "PNDMScheduler", "LCMScheduler", "TCDScheduler", "DPMSolverMultistepScheduler", "DPMSolverSinglestepScheduler", "UniPCMultistepScheduler", "DEISMultistepScheduler", "LMSDiscreteScheduler", "EulerDiscreteScheduler", "EulerAncestralDiscreteScheduler", "HeunDiscreteScheduler", "KDPM2DiscreteScheduler", "KDPM2AncestralDiscreteScheduler"];
+pub const CLASS_NAMES: &[&str] = &[
+    "DDIMScheduler",
+    "DDPMScheduler",
+    "PNDMScheduler",
+    "LCMScheduler",
+    "TCDScheduler",
+    "DPMSolverMultistepScheduler",
+    "DPMSolverSinglestepScheduler",
+    "UniPCMultistepScheduler",
+    "DEISMultistepScheduler",
+    "LMSDiscreteScheduler",
+    "EulerDiscreteScheduler",
+    "EulerAncestralDiscreteScheduler",
+    "HeunDiscreteScheduler",
+    "KDPM2DiscreteScheduler",
+    "KDPM2AncestralDiscreteScheduler",
+];
 
 /// Every accepted short name.
 pub fn short_names() -> impl Iterator<Item = &'static str> {
@@ -165,7 +247,11 @@ pub fn resolve(name: &str) -> Result<(&'static str, Vec<(&'static str, Value)>)>
     }
     let normalized = lower.replace('_', "-");
     if let Some(s) = SHORT_NAMES.iter().find(|s| s.name == normalized) {
-        let overrides = s.overrides.iter().map(|(k, v)| (*k, Value::from(*v))).collect();
+        let overrides = s
+            .overrides
+            .iter()
+            .map(|(k, v)| (*k, Value::from(*v)))
+            .collect();
         return Ok((s.class, overrides));
     }
     Err(Error::UnknownScheduler {
@@ -192,7 +278,10 @@ pub fn from_class_config<T: SchedulerTensor + 'static>(
     config: &ConfigMap,
 ) -> Result<Box<dyn Scheduler<T>>> {
     let class = config.class_name().ok_or_else(|| {
-        Error::config("_class_name", "missing: the config does not name its scheduler class")
+        Error::config(
+            "_class_name",
+            "missing: the config does not name its scheduler class",
+        )
     })?;
     from_config(class, config)
 }
@@ -208,9 +297,9 @@ fn build<T: SchedulerTensor + 'static>(
         "PNDMScheduler" => Box::new(pndm::PndmScheduler::<T>::from_config_map(map)?),
         "LCMScheduler" => Box::new(lcm::LcmScheduler::from_config_map(map)?),
         "TCDScheduler" => Box::new(tcd::TcdScheduler::from_config_map(map)?),
-        "DPMSolverMultistepScheduler" => Box::new(
-            dpm_solver_multistep::DpmSolverMultistepScheduler::<T>::from_config_map(map)?,
-        ),
+        "DPMSolverMultistepScheduler" => {
+            Box::new(dpm_solver_multistep::DpmSolverMultistepScheduler::<T>::from_config_map(map)?)
+        }
         "DPMSolverSinglestepScheduler" => Box::new(
             dpm_solver_singlestep::DpmSolverSinglestepScheduler::<T>::from_config_map(map)?,
         ),
@@ -222,21 +311,23 @@ fn build<T: SchedulerTensor + 'static>(
         }
         "LMSDiscreteScheduler" => Box::new(lms::LmsDiscreteScheduler::<T>::from_config_map(map)?),
         "EulerDiscreteScheduler" => Box::new(euler::EulerDiscreteScheduler::from_config_map(map)?),
-        "EulerAncestralDiscreteScheduler" => Box::new(
-            euler_ancestral::EulerAncestralDiscreteScheduler::from_config_map(map)?,
-        ),
-        "HeunDiscreteScheduler" => Box::new(heun::HeunDiscreteScheduler::<T>::from_config_map(map)?),
+        "EulerAncestralDiscreteScheduler" => {
+            Box::new(euler_ancestral::EulerAncestralDiscreteScheduler::from_config_map(map)?)
+        }
+        "HeunDiscreteScheduler" => {
+            Box::new(heun::HeunDiscreteScheduler::<T>::from_config_map(map)?)
+        }
         "KDPM2DiscreteScheduler" => {
             Box::new(kdpm2::Kdpm2DiscreteScheduler::<T>::from_config_map(map)?)
         }
-        "KDPM2AncestralDiscreteScheduler" => Box::new(
-            kdpm2_ancestral::Kdpm2AncestralDiscreteScheduler::<T>::from_config_map(map)?,
-        ),
+        "KDPM2AncestralDiscreteScheduler" => {
+            Box::new(kdpm2_ancestral::Kdpm2AncestralDiscreteScheduler::<T>::from_config_map(map)?)
+        }
         other => {
             return Err(Error::UnknownScheduler {
                 name: other.to_string(),
                 known: known_names(),
-            })
+            });
         }
     })
 }
@@ -248,7 +339,9 @@ mod tests {
 
     #[test]
     fn unknown_names_are_typed_errors() {
-        let err = from_config::<HostTensor>("warp-drive", &ConfigMap::new()).err().unwrap();
+        let err = from_config::<HostTensor>("warp-drive", &ConfigMap::new())
+            .err()
+            .unwrap();
         assert!(matches!(err, Error::UnknownScheduler { .. }), "{err}");
     }
 

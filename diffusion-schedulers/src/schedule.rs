@@ -43,7 +43,11 @@ pub fn linspace(start: f64, end: f64, n: usize) -> Vec<f64> {
 /// `abar(t) = cos((t + 0.008) / 1.008 * pi/2)^2`. Computed in floating point throughout
 /// (a peer port used integer division here and got all-zero betas).
 pub fn betas_for_alpha_bar(num_diffusion_timesteps: usize, max_beta: f64) -> Vec<f64> {
-    let alpha_bar = |t: f64| ((t + 0.008) / 1.008 * std::f64::consts::FRAC_PI_2).cos().powi(2);
+    let alpha_bar = |t: f64| {
+        ((t + 0.008) / 1.008 * std::f64::consts::FRAC_PI_2)
+            .cos()
+            .powi(2)
+    };
     let n = num_diffusion_timesteps as f64;
     (0..num_diffusion_timesteps)
         .map(|i| {
@@ -289,8 +293,15 @@ mod tests {
 
     #[test]
     fn cosine_schedule_is_not_all_zero() {
-        let s = NoiseSchedule::new(1000, 0.0001, 0.02, BetaSchedule::SquaredcosCapV2, None, false)
-            .unwrap();
+        let s = NoiseSchedule::new(
+            1000,
+            0.0001,
+            0.02,
+            BetaSchedule::SquaredcosCapV2,
+            None,
+            false,
+        )
+        .unwrap();
         assert!(s.betas.iter().all(|b| *b > 0.0));
         assert!((s.betas[999] - 0.999).abs() < 1e-12);
     }
@@ -300,8 +311,15 @@ mod tests {
         let s = NoiseSchedule::new(1000, 0.00085, 0.012, BetaSchedule::ScaledLinear, None, true)
             .unwrap();
         assert!(s.alphas_cumprod[999].abs() < 1e-15);
-        let plain = NoiseSchedule::new(1000, 0.00085, 0.012, BetaSchedule::ScaledLinear, None, false)
-            .unwrap();
+        let plain = NoiseSchedule::new(
+            1000,
+            0.00085,
+            0.012,
+            BetaSchedule::ScaledLinear,
+            None,
+            false,
+        )
+        .unwrap();
         assert!((s.alphas_cumprod[0] - plain.alphas_cumprod[0]).abs() < 1e-12);
     }
 
@@ -309,6 +327,8 @@ mod tests {
     fn invalid_configs_are_errors() {
         assert!(NoiseSchedule::new(1000, 0.02, 0.0001, BetaSchedule::Linear, None, false).is_err());
         assert!(NoiseSchedule::new(0, 0.0001, 0.02, BetaSchedule::Linear, None, false).is_err());
-        assert!(NoiseSchedule::new(3, 0.0001, 0.02, BetaSchedule::Linear, Some(&[0.1]), false).is_err());
+        assert!(
+            NoiseSchedule::new(3, 0.0001, 0.02, BetaSchedule::Linear, Some(&[0.1]), false).is_err()
+        );
     }
 }

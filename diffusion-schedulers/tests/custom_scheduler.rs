@@ -18,8 +18,20 @@ struct MyEuler {
 
 impl MyEuler {
     fn new() -> Result<Self> {
-        let schedule = NoiseSchedule::new(1000, 0.00085, 0.012, BetaSchedule::ScaledLinear, None, false)?;
-        Ok(Self { schedule, timesteps: vec![], sigmas: vec![], index: 0 })
+        let schedule = NoiseSchedule::new(
+            1000,
+            0.00085,
+            0.012,
+            BetaSchedule::ScaledLinear,
+            None,
+            false,
+        )?;
+        Ok(Self {
+            schedule,
+            timesteps: vec![],
+            sigmas: vec![],
+            index: 0,
+        })
     }
 }
 
@@ -38,8 +50,15 @@ impl<T: SchedulerTensor> Scheduler<T> for MyEuler {
         };
         let train_sigmas = self.schedule.sigmas();
         let train_t: Vec<f64> = (0..train_sigmas.len()).map(|t| t as f64).collect();
-        self.timesteps = linspace(0.0, (self.schedule.len() - 1) as f64, n).into_iter().rev().collect();
-        self.sigmas = self.timesteps.iter().map(|&t| interp(t, &train_t, &train_sigmas)).collect();
+        self.timesteps = linspace(0.0, (self.schedule.len() - 1) as f64, n)
+            .into_iter()
+            .rev()
+            .collect();
+        self.sigmas = self
+            .timesteps
+            .iter()
+            .map(|&t| interp(t, &train_t, &train_sigmas))
+            .collect();
         self.sigmas.push(0.0);
         self.index = 0;
         Ok(())
@@ -58,7 +77,13 @@ impl<T: SchedulerTensor> Scheduler<T> for MyEuler {
         Ok(sample.scale(1.0 / (self.sigmas[self.index].powi(2) + 1.0).sqrt()))
     }
 
-    fn step(&mut self, eps: &T, _t: f64, x: &T, _noise: &mut dyn NoiseSource) -> Result<StepOutput<T>> {
+    fn step(
+        &mut self,
+        eps: &T,
+        _t: f64,
+        x: &T,
+        _noise: &mut dyn NoiseSource,
+    ) -> Result<StepOutput<T>> {
         let (sigma, next) = (self.sigmas[self.index], self.sigmas[self.index + 1]);
         self.index += 1;
         let x0 = T::lincomb(&[(1.0, x), (-sigma, eps)]);
@@ -69,16 +94,22 @@ impl<T: SchedulerTensor> Scheduler<T> for MyEuler {
     }
 
     fn add_noise(&self, x0: &T, noise: &T, timesteps: &[f64]) -> Result<T> {
-        let s: Vec<f64> = timesteps.iter().map(|&t| self.schedule.sigmas()[t as usize]).collect();
+        let s: Vec<f64> = timesteps
+            .iter()
+            .map(|&t| self.schedule.sigmas()[t as usize])
+            .collect();
         Ok(x0.add(&noise.scale_batch(&s)))
     }
 }
 
 fn run(s: &mut dyn Scheduler<HostTensor>, steps: usize) -> Vec<f64> {
     s.set_timesteps(steps).unwrap();
-    let mut x = HostTensor::new((0..8).map(|i| (i as f64 * 0.7).sin()).collect(), vec![1, 2, 2, 2])
-        .unwrap()
-        .scale(s.init_noise_sigma());
+    let mut x = HostTensor::new(
+        (0..8).map(|i| (i as f64 * 0.7).sin()).collect(),
+        vec![1, 2, 2, 2],
+    )
+    .unwrap()
+    .scale(s.init_noise_sigma());
     for t in s.timesteps().to_vec() {
         let x_in = s.scale_model_input(&x, t).unwrap();
         let eps = x_in.map(|v| 0.8 * v * (t / 1000.0).cos() + 0.1 * v.sin());
