@@ -286,15 +286,27 @@ fn quantile_sorted(sorted: &[f64], q: f64) -> f64 {
 }
 
 // ---------------------------------------------------------------------------------------
-// Variance-preserving multistep solver tables.
+// Timestep spacing (`timestep_spacing`, Lin et al. 2023, Table 2).
 //
-// Shared by the diffusers samplers that keep a table of VP noise levels and work in
-// `lambda = log(alpha_t / sigma_t)`: DPMSolverMultistepScheduler (dpm_solver_multistep.rs),
-// UniPCMultistepScheduler (unipc.rs) and DEISMultistepScheduler (deis.rs). Their
-// `set_timesteps` all (1) space integer timesteps by `timestep_spacing`
-// ([`multistep_timesteps`]), (2) turn them into noise levels, optionally respaced as
-// Karras / exponential / beta sigmas ([`vp_inference_sigmas`]), and (3) append a final
-// sigma, which each sampler chooses itself.
+// diffusers spaces inference timesteps three ways, each family with its own variant:
+// [`spaced_timesteps`] (DDIM, DDPM, PNDM: integers), [`k_spaced_timesteps`] (the
+// k-diffusion samplers: fractional with `linspace`) and [`multistep_timesteps`]
+// (DPM-Solver, UniPC, DEIS: `n + 1` points with the last dropped).
+//
+// `trailing` spacing is `round(arange(T, 0, -T / n)) - 1`, and for some step counts
+// (61, 103, 121, ... of 1000) numpy's float `arange` yields `n + 1` elements, the last just
+// above 0, which becomes a timestep of -1. The families treat it differently, each as
+// diffusers' result makes sense:
+//
+// - The sigma-table samplers (k-diffusion, DPM-Solver, UniPC, DEIS) keep it, as diffusers
+//   does: they read noise levels with `np.interp`, which clamps -1 to training timestep 0,
+//   so the extra step is a well-defined step to the smallest training sigma (our runs
+//   match diffusers' there).
+// - DDIM, DDPM and PNDM drop it, so their schedules always have `n` timesteps: diffusers
+//   indexes `alphas_cumprod[-1]` there, the *noisiest* level, so its extra step turns the
+//   finished sample into noise (e.g. DDIM's final sample jumps to the `clip_sample` bound,
+//   PNDM's grows a hundredfold). Keeping the -1 would copy that bug, dropping it for the
+//   others would lose a step diffusers takes meaningfully, so the two stay different.
 // ---------------------------------------------------------------------------------------
 
 /// `numpy.arange(start, stop, step)` for floats, reproducing numpy's element count
@@ -317,13 +329,89 @@ pub fn np_arange(start: f64, stop: f64, step: f64) -> Vec<f64> {
         .collect()
 }
 
+/// `round(arange(start, 0, -step)) - 1`: `trailing` spacing counted down from `start`,
+/// including numpy's occasional extra element, which becomes -1 (see the section notes).
+fn trailing_timesteps(start: f64, step: f64) -> Vec<f64> {
+    np_arange(start, 0.0, -step)
+        .into_iter()
+        .map(|v| np_round(v) - 1.0)
+        .collect()
+}
+
+/// Fractional inference timesteps of the k-diffusion samplers, in decreasing order:
+///
+/// - `linspace`: `linspace(0, num_train_timesteps - 1, n)` reversed, not rounded;
+/// - `leading`: `i * (num_train_timesteps // n) + steps_offset` for `i = n - 1, ..., 0`;
+/// - `trailing`: `round(arange(num_train_timesteps, 0, -num_train_timesteps / n)) - 1`,
+///   ending on -1 where numpy's `arange` yields an extra element, as in diffusers (the
+///   sigma there is the smallest training sigma; see the section notes).
+pub fn k_spaced_timesteps(
+    spacing: TimestepSpacing,
+    num_train_timesteps: usize,
+    num_inference_steps: usize,
+    steps_offset: usize,
+) -> Vec<f64> {
+    let (n_train, n) = (num_train_timesteps, num_inference_steps);
+    match spacing {
+        TimestepSpacing::Linspace => {
+            let mut t = linspace(0.0, (n_train - 1) as f64, n);
+            t.reverse();
+            t
+        }
+        TimestepSpacing::Leading => {
+            let ratio = n_train / n;
+            (0..n)
+                .rev()
+                .map(|i| (i * ratio + steps_offset) as f64)
+                .collect()
+        }
+        TimestepSpacing::Trailing => trailing_timesteps(n_train as f64, n_train as f64 / n as f64),
+    }
+}
+
+/// Integer inference timesteps of diffusers' DDIM / DDPM / PNDM, in decreasing order: the
+/// [`k_spaced_timesteps`] rounded (numpy half-even; only `linspace` has fractions), without
+/// the -1 that `trailing` spacing yields for some `n` (61 of 1000, ...), so the schedule
+/// always has `n` timesteps. diffusers keeps that -1 and indexes `alphas_cumprod[-1]` with
+/// it, turning the finished sample into noise in one extra step (see the section notes).
+pub fn spaced_timesteps(
+    spacing: TimestepSpacing,
+    num_train_timesteps: usize,
+    num_inference_steps: usize,
+    steps_offset: usize,
+) -> Vec<f64> {
+    k_spaced_timesteps(
+        spacing,
+        num_train_timesteps,
+        num_inference_steps,
+        steps_offset,
+    )
+    .into_iter()
+    .map(np_round)
+    .filter(|&t| t >= 0.0)
+    .collect()
+}
+
+/// Errors unless every spaced timestep is a training timestep: a `steps_offset` can push
+/// `leading` timesteps past the end (diffusers would fail indexing its tables).
+pub fn check_steps_offset(timesteps: &[f64], num_train_timesteps: usize) -> Result<()> {
+    if let Some(t) = timesteps.iter().find(|&&t| t >= num_train_timesteps as f64) {
+        return Err(Error::config(
+            "steps_offset",
+            format!("puts timestep {t} outside the {num_train_timesteps} training timesteps"),
+        ));
+    }
+    Ok(())
+}
+
 /// Integer inference timesteps of diffusers' VP multistep solvers, before any sigma
-/// respacing, in decreasing order (Lin et al. 2023, Table 2):
+/// respacing, in decreasing order:
 ///
 /// - `linspace`: `round(linspace(0, last_timestep - 1, n + 1))`, reversed, last dropped;
 /// - `leading`: `i * (last_timestep // (n + 1)) + steps_offset` for `i = n, ..., 1`;
-/// - `trailing`: `round(arange(last_timestep, 0, -num_train_timesteps / n)) - 1` (numpy's
-///   `arange` may yield one extra element, giving a timestep of -1, as in diffusers).
+/// - `trailing`: `round(arange(last_timestep, 0, -num_train_timesteps / n)) - 1`, ending on
+///   -1 where numpy's `arange` yields an extra element, as in diffusers (its sigma is the
+///   smallest training sigma; see the section notes).
 ///
 /// `last_timestep` is `num_train_timesteps` except where DPM-Solver clips the schedule by
 /// `lambda_min_clipped`.
@@ -353,14 +441,22 @@ pub fn multistep_timesteps(
                 .collect()
         }
         TimestepSpacing::Trailing => {
-            let ratio = num_train_timesteps as f64 / n as f64;
-            np_arange(last_timestep as f64, 0.0, -ratio)
-                .into_iter()
-                .map(|v| np_round(v) - 1.0)
-                .collect()
+            trailing_timesteps(last_timestep as f64, num_train_timesteps as f64 / n as f64)
         }
     }
 }
+
+// ---------------------------------------------------------------------------------------
+// Variance-preserving multistep solver tables.
+//
+// Shared by the diffusers samplers that keep a table of VP noise levels and work in
+// `lambda = log(alpha_t / sigma_t)`: DPMSolverMultistepScheduler (dpm_solver_multistep.rs),
+// UniPCMultistepScheduler (unipc.rs) and DEISMultistepScheduler (deis.rs). Their
+// `set_timesteps` all (1) space integer timesteps by `timestep_spacing`
+// ([`multistep_timesteps`]), (2) turn them into noise levels, optionally respaced as
+// Karras / exponential / beta sigmas ([`vp_inference_sigmas`]), and (3) append a final
+// sigma, which each sampler chooses itself.
+// ---------------------------------------------------------------------------------------
 
 /// How a VP multistep solver places its inference noise levels.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
@@ -470,45 +566,6 @@ pub fn vp_lambda(sigma: f64) -> f64 {
     alpha_t.ln() - sigma_t.ln()
 }
 
-/// Integer inference timesteps of diffusers' DDIM / DDPM / PNDM, in decreasing order
-/// (Lin et al. 2023, Table 2):
-///
-/// - `linspace`: `round(linspace(0, num_train_timesteps - 1, n))`, reversed;
-/// - `leading`: `i * (num_train_timesteps // n) + steps_offset` for `i = n - 1, ..., 0`;
-/// - `trailing`: `round(arange(num_train_timesteps, 0, -num_train_timesteps / n)) - 1`.
-///
-/// For some `n` (61 of 1000, ...) numpy's `arange` yields one element more, just above 0,
-/// which diffusers turns into a timestep of -1 and then indexes its tables with (reading
-/// the last entry). That bogus final step is left out here, so the schedule always has `n`
-/// timesteps.
-pub fn spaced_timesteps(
-    spacing: TimestepSpacing,
-    num_train_timesteps: usize,
-    num_inference_steps: usize,
-    steps_offset: usize,
-) -> Vec<f64> {
-    let (n_train, n) = (num_train_timesteps, num_inference_steps);
-    match spacing {
-        TimestepSpacing::Linspace => linspace(0.0, (n_train - 1) as f64, n)
-            .into_iter()
-            .rev()
-            .map(np_round)
-            .collect(),
-        TimestepSpacing::Leading => {
-            let ratio = n_train / n;
-            (0..n)
-                .rev()
-                .map(|i| (i * ratio + steps_offset) as f64)
-                .collect()
-        }
-        TimestepSpacing::Trailing => np_arange(n_train as f64, 0.0, -(n_train as f64 / n as f64))
-            .into_iter()
-            .map(|v| np_round(v) - 1.0)
-            .filter(|&t| t >= 0.0)
-            .collect(),
-    }
-}
-
 /// Checks custom timesteps for samplers that index their tables with integer timesteps
 /// (diffusers casts them to `int64`): strictly decreasing, in `[0, num_train_timesteps)`
 /// and whole numbers.
@@ -535,41 +592,6 @@ pub fn check_integer_timesteps(timesteps: &[f64], num_train_timesteps: usize) ->
 // sigmas there ([`sigmas_at_timesteps`]), (3) optionally respace the sigmas as Karras /
 // exponential / beta sigmas and map them back to timesteps ([`k_schedule`]).
 // ---------------------------------------------------------------------------------------
-
-/// Fractional inference timesteps of the k-diffusion samplers, in decreasing order
-/// (Lin et al. 2023, Table 2):
-///
-/// - `linspace`: `linspace(0, num_train_timesteps - 1, n)` reversed, not rounded;
-/// - `leading`: `i * (num_train_timesteps // n) + steps_offset` for `i = n - 1, ..., 0`;
-/// - `trailing`: `round(arange(num_train_timesteps, 0, -num_train_timesteps / n)) - 1`
-///   (numpy's `arange` may yield one extra element, giving a timestep of -1, as in
-///   diffusers).
-pub fn k_spaced_timesteps(
-    spacing: TimestepSpacing,
-    num_train_timesteps: usize,
-    num_inference_steps: usize,
-    steps_offset: usize,
-) -> Vec<f64> {
-    let (n_train, n) = (num_train_timesteps, num_inference_steps);
-    match spacing {
-        TimestepSpacing::Linspace => {
-            let mut t = linspace(0.0, (n_train - 1) as f64, n);
-            t.reverse();
-            t
-        }
-        TimestepSpacing::Leading => {
-            let ratio = n_train / n;
-            (0..n)
-                .rev()
-                .map(|i| (i * ratio + steps_offset) as f64)
-                .collect()
-        }
-        TimestepSpacing::Trailing => np_arange(n_train as f64, 0.0, -(n_train as f64 / n as f64))
-            .into_iter()
-            .map(|v| np_round(v) - 1.0)
-            .collect(),
-    }
-}
 
 /// The training sigmas at fractional `timesteps`: `np.interp(timesteps, arange(N),
 /// train_sigmas)`, clamped at both ends.

@@ -6,8 +6,8 @@ use diffusion_core::{ConfigMap, Error, NoiseSource, Result, SchedulerTensor};
 use serde::Deserialize;
 
 use crate::common::{
-    PredictionType, TimestepSchedule, TimestepSpacing, check_steps, dynamic_threshold,
-    spaced_timesteps,
+    PredictionType, TimestepSchedule, TimestepSpacing, check_steps, check_steps_offset,
+    dynamic_threshold, spaced_timesteps,
 };
 use crate::schedule::{BetaSchedule, NoiseSchedule};
 use crate::scheduler::{Scheduler, StepOutput};
@@ -169,19 +169,7 @@ impl<T: SchedulerTensor> Scheduler<T> for DdimScheduler {
             n,
             self.config.steps_offset,
         );
-        if let Some(t) = self
-            .timesteps
-            .iter()
-            .find(|&&t| t >= self.config.num_train_timesteps as f64)
-        {
-            return Err(Error::config(
-                "steps_offset",
-                format!(
-                    "puts timestep {t} outside the {} training timesteps",
-                    self.config.num_train_timesteps
-                ),
-            ));
-        }
+        check_steps_offset(&self.timesteps, self.config.num_train_timesteps)?;
         self.num_inference_steps = n;
         Ok(())
     }
@@ -263,28 +251,5 @@ impl<T: SchedulerTensor> Scheduler<T> for DdimScheduler {
     fn set_eta(&mut self, eta: f64) -> bool {
         self.eta = eta;
         true
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn spacing_matches_diffusers() {
-        assert_eq!(
-            spaced_timesteps(TimestepSpacing::Leading, 1000, 10, 1),
-            vec![
-                901.0, 801.0, 701.0, 601.0, 501.0, 401.0, 301.0, 201.0, 101.0, 1.0
-            ]
-        );
-        assert_eq!(
-            spaced_timesteps(TimestepSpacing::Trailing, 1000, 3, 0),
-            vec![999.0, 666.0, 332.0]
-        );
-        assert_eq!(
-            spaced_timesteps(TimestepSpacing::Linspace, 1000, 4, 0),
-            vec![999.0, 666.0, 333.0, 0.0]
-        );
     }
 }

@@ -8,7 +8,7 @@ use serde::{Deserialize, Serialize};
 
 use crate::common::{
     PredictionType, TimestepSchedule, TimestepSpacing, check_integer_timesteps, check_steps,
-    dynamic_threshold, spaced_timesteps,
+    check_steps_offset, dynamic_threshold, spaced_timesteps,
 };
 use crate::schedule::{BetaSchedule, NoiseSchedule, check_same_shape};
 use crate::scheduler::{Scheduler, StepOutput};
@@ -266,12 +266,7 @@ impl<T: SchedulerTensor> Scheduler<T> for DdpmScheduler {
                     n,
                     self.config.steps_offset,
                 );
-                if let Some(t) = timesteps.iter().find(|&&t| t >= n_train as f64) {
-                    return Err(Error::config(
-                        "steps_offset",
-                        format!("puts timestep {t} outside the {n_train} training timesteps"),
-                    ));
-                }
+                check_steps_offset(&timesteps, n_train)?;
                 self.timesteps = timesteps;
                 self.num_inference_steps = Some(n);
                 self.custom_timesteps = false;

@@ -9,7 +9,8 @@ use diffusion_core::{ConfigMap, Error, NoiseSource, Result, SchedulerTensor};
 use serde::Deserialize;
 
 use crate::common::{
-    PredictionType, TimestepSchedule, TimestepSpacing, check_steps, spaced_timesteps,
+    PredictionType, TimestepSchedule, TimestepSpacing, check_steps, check_steps_offset,
+    spaced_timesteps,
 };
 use crate::schedule::{BetaSchedule, NoiseSchedule, check_same_shape};
 use crate::scheduler::{Scheduler, StepOutput};
@@ -303,12 +304,7 @@ impl<T: SchedulerTensor> Scheduler<T> for PndmScheduler<T> {
         // increasing, as diffusers' `_timesteps`
         let mut base = spaced_timesteps(c.timestep_spacing, n_train, n, c.steps_offset);
         base.reverse();
-        if let Some(t) = base.iter().find(|&&t| t >= n_train as f64) {
-            return Err(Error::config(
-                "steps_offset",
-                format!("puts timestep {t} outside the {n_train} training timesteps"),
-            ));
-        }
+        check_steps_offset(&base, n_train)?;
         let len = base.len();
         let (prk, plms): (Vec<f64>, Vec<f64>) = if c.skip_prk_steps {
             // [t_{n-1}, t_{n-2}, t_{n-2}, t_{n-3}, ..., t_0]: the first PLMS step evaluates
