@@ -666,7 +666,7 @@ fn repeat_interleave2<B: Backend>(x: Tensor<B, 2>, n: usize) -> Tensor<B, 2> {
 /// Repeats a batch-of-one (or batch-dividing) tensor to `batch` (diffusers' `repeat`).
 fn repeat_batch<B: Backend>(x: Tensor<B, 4>, batch: usize) -> Tensor<B, 4> {
     let b = x.dims()[0];
-    if b == batch || b == 0 || batch % b != 0 {
+    if b == batch || b == 0 || !batch.is_multiple_of(b) {
         return x;
     }
     x.repeat_dim(0, batch / b)
