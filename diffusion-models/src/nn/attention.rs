@@ -7,9 +7,9 @@ use burn::nn::{GroupNorm, GroupNormConfig, Linear, LinearConfig};
 use burn::tensor::backend::Backend;
 use burn::tensor::module::attention;
 use burn::tensor::ops::AttentionModuleOptions;
-use burn::tensor::{DType, Tensor};
+use burn::tensor::Tensor;
 
-use super::{cast_to, group_norm};
+use super::{cast_to, group_norm, upcast_dtype};
 
 /// How attention is evaluated.
 ///
@@ -201,12 +201,9 @@ impl<B: Backend> Attention<B> {
     /// - output: `[batch, heads, seq_q, dim_head]`
     pub fn attend(&self, q: Tensor<B, 4>, k: Tensor<B, 4>, v: Tensor<B, 4>) -> Tensor<B, 4> {
         let dtype = q.dtype();
-        let (q, k, v) = if self.upcast && dtype != DType::F32 {
-            (
-                cast_to(q, DType::F32),
-                cast_to(k, DType::F32),
-                cast_to(v, DType::F32),
-            )
+        let wide = upcast_dtype(dtype);
+        let (q, k, v) = if self.upcast && wide != dtype {
+            (cast_to(q, wide), cast_to(k, wide), cast_to(v, wide))
         } else {
             (q, k, v)
         };
