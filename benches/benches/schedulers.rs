@@ -39,19 +39,21 @@ fn bench(c: &mut Criterion) {
 
     let mut group = c.benchmark_group("step [1,4,64,64]");
     for name in registry::CLASS_NAMES {
-        let mut s = registry::from_config::<HostTensor>(name, &config).unwrap();
+        let s = std::cell::RefCell::new(registry::from_config::<HostTensor>(name, &config).unwrap());
         group.bench_function(BenchmarkId::from_parameter(name), |b| {
-            // One full run per batch of iterations keeps multistep state realistic.
+            // A fresh run per batch of iterations keeps multistep state realistic.
             b.iter_batched(
                 || {
+                    let mut s = s.borrow_mut();
                     s.set_timesteps(50).unwrap();
                     s.timesteps()[0]
                 },
                 |t| {
+                    let mut s = s.borrow_mut();
                     let x = s.scale_model_input(&sample, t).unwrap();
                     black_box(s.step(&model_output, t, &x, &mut noise).unwrap());
                 },
-                criterion::BatchSize::SmallInput,
+                criterion::BatchSize::PerIteration,
             )
         });
     }
