@@ -285,6 +285,16 @@ fn quantile_sorted(sorted: &[f64], q: f64) -> f64 {
     sorted[lo] + (pos - lo as f64) * (sorted[hi] - sorted[lo])
 }
 
+/// `alphas_cumprod` as diffusers' sigma-table samplers (Euler, DPM-Solver, UniPC) keep it:
+/// after zero-terminal-SNR rescaling (`rescaled`) the last value, exactly 0, becomes
+/// `2^-24` so the largest sigma stays finite (4096).
+pub fn finite_terminal_alphas_cumprod(mut alphas_cumprod: Vec<f64>, rescaled: bool) -> Vec<f64> {
+    if rescaled && let Some(last) = alphas_cumprod.last_mut() {
+        *last = 2f64.powi(-24);
+    }
+    alphas_cumprod
+}
+
 // ---------------------------------------------------------------------------------------
 // Timestep spacing (`timestep_spacing`, Lin et al. 2023, Table 2).
 //
@@ -693,16 +703,6 @@ pub fn k_noise_schedule(
         trained_betas,
         rescale_betas_zero_snr,
     )
-}
-
-/// `alphas_cumprod` as diffusers' Euler samplers keep it: after zero-terminal-SNR rescaling
-/// (`rescaled`) the last value, exactly 0, becomes `2^-24` so the largest sigma stays
-/// finite (4096).
-pub fn finite_terminal_alphas_cumprod(mut alphas_cumprod: Vec<f64>, rescaled: bool) -> Vec<f64> {
-    if rescaled && let Some(last) = alphas_cumprod.last_mut() {
-        *last = 2f64.powi(-24);
-    }
-    alphas_cumprod
 }
 
 /// `init_noise_sigma` of the k-diffusion samplers: the largest sigma with `linspace` and

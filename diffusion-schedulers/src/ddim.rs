@@ -102,11 +102,7 @@ impl DdimScheduler {
             config.trained_betas.as_deref(),
             config.rescale_betas_zero_snr,
         )?;
-        let final_alpha_cumprod = if config.set_alpha_to_one {
-            1.0
-        } else {
-            schedule.alphas_cumprod[0]
-        };
+        let final_alpha_cumprod = schedule.final_alpha_cumprod(config.set_alpha_to_one);
         Ok(Self {
             config,
             schedule,
@@ -136,14 +132,6 @@ impl DdimScheduler {
     /// Recompute the noise from the clipped `x0` (diffusers' `use_clipped_model_output`).
     pub fn set_use_clipped_model_output(&mut self, value: bool) {
         self.use_clipped_model_output = value;
-    }
-
-    fn alpha_bar_at(&self, t: i64) -> f64 {
-        if t >= 0 {
-            self.schedule.alphas_cumprod[t as usize]
-        } else {
-            self.final_alpha_cumprod
-        }
     }
 }
 
@@ -199,8 +187,10 @@ impl<T: SchedulerTensor> Scheduler<T> for DdimScheduler {
         // 1. previous timestep
         let prev_t = t - (c.num_train_timesteps / self.num_inference_steps) as i64;
         // 2. alphas and betas
-        let alpha_prod_t = self.alpha_bar_at(t);
-        let alpha_prod_t_prev = self.alpha_bar_at(prev_t);
+        let alpha_prod_t = self.schedule.alpha_bar(t as f64)?;
+        let alpha_prod_t_prev = self
+            .schedule
+            .alpha_bar_or(prev_t as f64, self.final_alpha_cumprod)?;
         let beta_prod_t = 1.0 - alpha_prod_t;
         let (a, s) = (alpha_prod_t.sqrt(), beta_prod_t.sqrt());
         // 3. predicted x0 and eps (eq. 12, "predicted x0")

@@ -236,14 +236,6 @@ impl DdpmScheduler {
         })?;
         Ok(self.timesteps.get(index + 1).copied().unwrap_or(-1.0))
     }
-
-    fn alpha_bar_or_one(&self, t: f64) -> Result<f64> {
-        if t >= 0.0 {
-            self.schedule.alpha_bar(t)
-        } else {
-            Ok(1.0)
-        }
-    }
 }
 
 impl<T: SchedulerTensor> Scheduler<T> for DdpmScheduler {
@@ -316,7 +308,7 @@ impl<T: SchedulerTensor> Scheduler<T> for DdpmScheduler {
 
         // 1. alphas and betas over the gap t -> prev_t
         let alpha_prod_t = self.schedule.alpha_bar(t)?;
-        let alpha_prod_t_prev = self.alpha_bar_or_one(prev_t)?;
+        let alpha_prod_t_prev = self.schedule.alpha_bar_or(prev_t, 1.0)?;
         let beta_prod_t = 1.0 - alpha_prod_t;
         let beta_prod_t_prev = 1.0 - alpha_prod_t_prev;
         let current_alpha_t = alpha_prod_t / alpha_prod_t_prev;

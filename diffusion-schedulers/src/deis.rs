@@ -16,9 +16,9 @@ use crate::common::{
     dynamic_threshold, index_for_timestep, multistep_timesteps, vp_alpha_sigma,
     vp_inference_sigmas, vp_lambda, vp_pred_x0,
 };
-use crate::schedule::{BetaSchedule, NoiseSchedule, check_same_shape};
+use crate::schedule::{BetaSchedule, NoiseSchedule, check_not_sigmoid, check_same_shape};
 use crate::scheduler::{Scheduler, StepOutput};
-use crate::unipc::{reject_flow_keys, vp_add_noise, vp_noise_schedule};
+use crate::unipc::{reject_flow_keys, vp_add_noise};
 
 /// The `algorithm_type` key. Only `deis` exists; diffusers replaces the DPM-Solver names
 /// `dpmsolver` and `dpmsolver++` by it, so they are accepted too.
@@ -196,8 +196,8 @@ impl<T: SchedulerTensor> DeisMultistepScheduler<T> {
             config.use_exponential_sigmas,
             config.use_beta_sigmas,
         )?;
-        let schedule = vp_noise_schedule(
-            CLASS,
+        check_not_sigmoid(CLASS, config.beta_schedule, config.trained_betas.as_deref())?;
+        let schedule = NoiseSchedule::new(
             config.num_train_timesteps,
             config.beta_start,
             config.beta_end,

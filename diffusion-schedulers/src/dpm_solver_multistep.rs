@@ -22,8 +22,9 @@ use serde_json::Value;
 
 use crate::common::{
     FinalSigmasType, PredictionType, SigmaSpacing, TimestepSchedule, TimestepSpacing,
-    VpInferenceSigmas, check_custom_timesteps, check_steps, dynamic_threshold, linspace,
-    multistep_timesteps, np_round, sigma_to_t, vp_alpha_sigma, vp_inference_sigmas,
+    VpInferenceSigmas, check_custom_timesteps, check_steps, dynamic_threshold,
+    finite_terminal_alphas_cumprod, linspace, multistep_timesteps, np_round, sigma_to_t,
+    vp_alpha_sigma, vp_inference_sigmas,
 };
 use crate::schedule::{BetaSchedule, NoiseSchedule, check_same_shape};
 use crate::scheduler::{Scheduler, StepOutput};
@@ -300,31 +301,6 @@ pub(crate) fn validate_dpm_keys(k: &DpmCommonKeys<'_>) -> Result<()> {
         ));
     }
     Ok(())
-}
-
-/// `alphas_cumprod` of a DPM-Solver sampler. With zero terminal SNR the last value is set to
-/// `2^-24` (instead of 0) so the first noise level stays finite, as diffusers does.
-pub(crate) fn dpm_alphas_cumprod(
-    num_train_timesteps: usize,
-    beta_start: f64,
-    beta_end: f64,
-    beta_schedule: BetaSchedule,
-    trained_betas: Option<&[f64]>,
-    rescale_betas_zero_snr: bool,
-) -> Result<Vec<f64>> {
-    let schedule = NoiseSchedule::new(
-        num_train_timesteps,
-        beta_start,
-        beta_end,
-        beta_schedule,
-        trained_betas,
-        rescale_betas_zero_snr,
-    )?;
-    let mut alphas_cumprod = schedule.alphas_cumprod;
-    if rescale_betas_zero_snr {
-        *alphas_cumprod.last_mut().expect("non-empty schedule") = 2f64.powi(-24);
-    }
-    Ok(alphas_cumprod)
 }
 
 /// One end of a solver step: the noise level and its `alpha_t`, `sigma_t` and half log-SNR
@@ -874,7 +850,7 @@ impl<T: SchedulerTensor> DpmSolverMultistepScheduler<T> {
             dynamic_thresholding_ratio: c.dynamic_thresholding_ratio,
             sample_max_value: c.sample_max_value,
         })?;
-        let alphas_cumprod = dpm_alphas_cumprod(
+        let schedule = NoiseSchedule::new(
             c.num_train_timesteps,
             c.beta_start,
             c.beta_end,
@@ -882,6 +858,8 @@ impl<T: SchedulerTensor> DpmSolverMultistepScheduler<T> {
             c.trained_betas.as_deref(),
             c.rescale_betas_zero_snr,
         )?;
+        let alphas_cumprod =
+            finite_terminal_alphas_cumprod(schedule.alphas_cumprod, c.rescale_betas_zero_snr);
         let sigma_options = DpmSigmaOptions {
             spacing: SigmaSpacing::from_flags(
                 c.use_karras_sigmas,

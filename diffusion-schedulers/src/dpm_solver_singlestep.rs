@@ -15,15 +15,15 @@ use serde::Deserialize;
 
 use crate::common::{
     FinalSigmasType, PredictionType, SigmaSpacing, TimestepSchedule, TimestepSpacing, check_steps,
-    multistep_timesteps,
+    finite_terminal_alphas_cumprod, multistep_timesteps,
 };
 use crate::dpm_solver_multistep::{
     AlgorithmType, DpmCommonKeys, DpmSigmaOptions, Level, ModelOutputConversion, SolverType,
-    clipped_last_timestep, deserialize_dpm_config, dpm_add_noise, dpm_alphas_cumprod,
-    dpm_custom_timesteps, dpm_index_for_timestep, dpm_sigma_table, first_order_update,
-    null_as_false, second_order_update, third_order_update, validate_dpm_keys,
+    clipped_last_timestep, deserialize_dpm_config, dpm_add_noise, dpm_custom_timesteps,
+    dpm_index_for_timestep, dpm_sigma_table, first_order_update, null_as_false,
+    second_order_update, third_order_update, validate_dpm_keys,
 };
-use crate::schedule::BetaSchedule;
+use crate::schedule::{BetaSchedule, NoiseSchedule};
 use crate::scheduler::{Scheduler, StepOutput};
 
 /// The keys of a `DPMSolverSinglestepScheduler` `scheduler_config.json`, with diffusers'
@@ -181,7 +181,7 @@ impl<T: SchedulerTensor> DpmSolverSinglestepScheduler<T> {
             dynamic_thresholding_ratio: c.dynamic_thresholding_ratio,
             sample_max_value: c.sample_max_value,
         })?;
-        let alphas_cumprod = dpm_alphas_cumprod(
+        let schedule = NoiseSchedule::new(
             c.num_train_timesteps,
             c.beta_start,
             c.beta_end,
@@ -189,6 +189,7 @@ impl<T: SchedulerTensor> DpmSolverSinglestepScheduler<T> {
             c.trained_betas.as_deref(),
             false,
         )?;
+        let alphas_cumprod = finite_terminal_alphas_cumprod(schedule.alphas_cumprod, false);
         let solver_order = c.solver_order;
         Ok(Self {
             config,

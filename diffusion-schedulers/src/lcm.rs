@@ -9,7 +9,7 @@ use crate::common::{
     PredictionType, TimestepSchedule, TimestepSpacing, check_integer_timesteps, dynamic_threshold,
     index_for_timestep,
 };
-use crate::schedule::{BetaSchedule, NoiseSchedule, check_same_shape};
+use crate::schedule::{BetaSchedule, NoiseSchedule, check_not_sigmoid, check_same_shape};
 use crate::scheduler::{Scheduler, StepOutput};
 
 /// The keys of an `LCMScheduler` `scheduler_config.json`, with diffusers' defaults.
@@ -80,32 +80,6 @@ impl Default for LcmConfig {
             rescale_betas_zero_snr: false,
         }
     }
-}
-
-/// Validates the beta schedule of the LCM / TCD family and builds its training schedule.
-pub(crate) fn consistency_schedule(
-    num_train_timesteps: usize,
-    beta_start: f64,
-    beta_end: f64,
-    beta_schedule: BetaSchedule,
-    trained_betas: Option<&[f64]>,
-    rescale_betas_zero_snr: bool,
-    class: &str,
-) -> Result<NoiseSchedule> {
-    if trained_betas.is_none() && beta_schedule == BetaSchedule::Sigmoid {
-        return Err(Error::config(
-            "beta_schedule",
-            format!("sigmoid is not implemented for {class}"),
-        ));
-    }
-    NoiseSchedule::new(
-        num_train_timesteps,
-        beta_start,
-        beta_end,
-        beta_schedule,
-        trained_betas,
-        rescale_betas_zero_snr,
-    )
 }
 
 /// The inference timesteps of LCM and TCD (diffusers' `set_timesteps` of both).
@@ -216,14 +190,18 @@ pub struct LcmScheduler {
 impl LcmScheduler {
     /// Builds the sampler from its config, validating it.
     pub fn new(config: LcmConfig) -> Result<Self> {
-        let schedule = consistency_schedule(
+        check_not_sigmoid(
+            "LCMScheduler",
+            config.beta_schedule,
+            config.trained_betas.as_deref(),
+        )?;
+        let schedule = NoiseSchedule::new(
             config.num_train_timesteps,
             config.beta_start,
             config.beta_end,
             config.beta_schedule,
             config.trained_betas.as_deref(),
             config.rescale_betas_zero_snr,
-            "LCMScheduler",
         )?;
         if config.original_inference_steps == 0 {
             return Err(Error::config(
@@ -231,11 +209,7 @@ impl LcmScheduler {
                 "must be at least 1",
             ));
         }
-        let final_alpha_cumprod = if config.set_alpha_to_one {
-            1.0
-        } else {
-            schedule.alphas_cumprod[0]
-        };
+        let final_alpha_cumprod = schedule.final_alpha_cumprod(config.set_alpha_to_one);
         Ok(Self {
             timesteps: (0..config.num_train_timesteps)
                 .rev()
@@ -389,11 +363,9 @@ impl<T: SchedulerTensor> Scheduler<T> for LcmScheduler {
             .unwrap_or(timestep);
         // 2. alphas and betas
         let alpha_prod_t = self.schedule.alpha_bar(timestep)?;
-        let alpha_prod_t_prev = if prev_timestep >= 0.0 {
-            self.schedule.alpha_bar(prev_timestep)?
-        } else {
-            self.final_alpha_cumprod
-        };
+        let alpha_prod_t_prev = self
+            .schedule
+            .alpha_bar_or(prev_timestep, self.final_alpha_cumprod)?;
         let (a, s) = (alpha_prod_t.sqrt(), (1.0 - alpha_prod_t).sqrt());
         // 3. boundary-condition scalings
         let (c_skip, c_out) = self.scalings_for_boundary_condition(timestep.round());

@@ -12,7 +12,7 @@ use crate::common::{
     PredictionType, TimestepSchedule, TimestepSpacing, check_steps, check_steps_offset,
     spaced_timesteps,
 };
-use crate::schedule::{BetaSchedule, NoiseSchedule, check_same_shape};
+use crate::schedule::{BetaSchedule, NoiseSchedule, check_not_sigmoid, check_same_shape};
 use crate::scheduler::{Scheduler, StepOutput};
 
 /// The keys of a `PNDMScheduler` `scheduler_config.json`, with diffusers' defaults.
@@ -103,12 +103,11 @@ const PNDM_ORDER: usize = 4;
 impl<T: SchedulerTensor> PndmScheduler<T> {
     /// Builds the sampler from its config, validating it.
     pub fn new(config: PndmConfig) -> Result<Self> {
-        if config.trained_betas.is_none() && config.beta_schedule == BetaSchedule::Sigmoid {
-            return Err(Error::config(
-                "beta_schedule",
-                "sigmoid is not implemented for PNDMScheduler",
-            ));
-        }
+        check_not_sigmoid(
+            "PNDMScheduler",
+            config.beta_schedule,
+            config.trained_betas.as_deref(),
+        )?;
         if config.prediction_type == PredictionType::Sample {
             return Err(Error::config(
                 "prediction_type",
@@ -123,11 +122,7 @@ impl<T: SchedulerTensor> PndmScheduler<T> {
             config.trained_betas.as_deref(),
             false,
         )?;
-        let final_alpha_cumprod = if config.set_alpha_to_one {
-            1.0
-        } else {
-            schedule.alphas_cumprod[0]
-        };
+        let final_alpha_cumprod = schedule.final_alpha_cumprod(config.set_alpha_to_one);
         Ok(Self {
             config,
             schedule,
@@ -170,11 +165,9 @@ impl<T: SchedulerTensor> PndmScheduler<T> {
     /// The transfer `phi(x_t, eps, t, t_prev)` of eq. 9 (diffusers' `_get_prev_sample`).
     fn prev_sample(&self, sample: &T, t: f64, prev_t: f64, model_output: &T) -> Result<T> {
         let alpha_prod_t = self.schedule.alpha_bar(t)?;
-        let alpha_prod_t_prev = if prev_t >= 0.0 {
-            self.schedule.alpha_bar(prev_t)?
-        } else {
-            self.final_alpha_cumprod
-        };
+        let alpha_prod_t_prev = self
+            .schedule
+            .alpha_bar_or(prev_t, self.final_alpha_cumprod)?;
         let beta_prod_t = 1.0 - alpha_prod_t;
         let beta_prod_t_prev = 1.0 - alpha_prod_t_prev;
         let converted;

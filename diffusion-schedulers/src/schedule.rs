@@ -220,6 +220,26 @@ impl NoiseSchedule {
         Ok(i as usize)
     }
 
+    /// `alpha_bar` at `t`, or `past_end` for a `t` below 0 (the step after the last), as
+    /// diffusers' `alphas_cumprod[t] if t >= 0 else final_alpha_cumprod`.
+    pub fn alpha_bar_or(&self, t: f64, past_end: f64) -> Result<f64> {
+        if t >= 0.0 {
+            self.alpha_bar(t)
+        } else {
+            Ok(past_end)
+        }
+    }
+
+    /// diffusers' `final_alpha_cumprod`, the `alpha_bar` after the last step: 1 with
+    /// `set_alpha_to_one`, else `alphas_cumprod[0]`.
+    pub fn final_alpha_cumprod(&self, set_alpha_to_one: bool) -> f64 {
+        if set_alpha_to_one {
+            1.0
+        } else {
+            self.alphas_cumprod[0]
+        }
+    }
+
     /// Karras-style noise levels `sigma_t = sqrt((1 - alpha_bar_t) / alpha_bar_t)`.
     pub fn sigmas(&self) -> Vec<f64> {
         self.alphas_cumprod
@@ -276,6 +296,23 @@ impl NoiseSchedule {
         let s = self.per_batch(sample, timesteps, |ab| (1.0 - ab).sqrt())?;
         Ok(noise.scale_batch(&a).sub(&sample.scale_batch(&s)))
     }
+}
+
+/// Errors for `beta_schedule = "sigmoid"` without `trained_betas`: diffusers implements the
+/// sigmoid schedule in `DDPMScheduler` only, and the other classes raise
+/// `NotImplementedError` for it.
+pub fn check_not_sigmoid(
+    class: &str,
+    beta_schedule: BetaSchedule,
+    trained_betas: Option<&[f64]>,
+) -> Result<()> {
+    if trained_betas.is_none() && beta_schedule == BetaSchedule::Sigmoid {
+        return Err(Error::config(
+            "beta_schedule",
+            format!("`sigmoid` is not implemented for {class}"),
+        ));
+    }
+    Ok(())
 }
 
 /// Errors unless `a` and `b` have the same shape.

@@ -6,8 +6,8 @@ use diffusion_core::{ConfigMap, Error, NoiseSource, Result, SchedulerTensor};
 use serde::Deserialize;
 
 use crate::common::{PredictionType, TimestepSchedule, TimestepSpacing, index_for_timestep};
-use crate::lcm::{check_strength, consistency_schedule, consistency_timesteps};
-use crate::schedule::{BetaSchedule, NoiseSchedule, check_same_shape};
+use crate::lcm::{check_strength, consistency_timesteps};
+use crate::schedule::{BetaSchedule, NoiseSchedule, check_not_sigmoid, check_same_shape};
 use crate::scheduler::{Scheduler, StepOutput};
 
 /// The keys of a `TCDScheduler` `scheduler_config.json`, with diffusers' defaults.
@@ -111,14 +111,18 @@ pub struct TcdScheduler {
 impl TcdScheduler {
     /// Builds the sampler from its config, validating it.
     pub fn new(config: TcdConfig) -> Result<Self> {
-        let schedule = consistency_schedule(
+        check_not_sigmoid(
+            "TCDScheduler",
+            config.beta_schedule,
+            config.trained_betas.as_deref(),
+        )?;
+        let schedule = NoiseSchedule::new(
             config.num_train_timesteps,
             config.beta_start,
             config.beta_end,
             config.beta_schedule,
             config.trained_betas.as_deref(),
             config.rescale_betas_zero_snr,
-            "TCDScheduler",
         )?;
         if config.original_inference_steps == 0 {
             return Err(Error::config(
@@ -126,11 +130,7 @@ impl TcdScheduler {
                 "must be at least 1",
             ));
         }
-        let final_alpha_cumprod = if config.set_alpha_to_one {
-            1.0
-        } else {
-            schedule.alphas_cumprod[0]
-        };
+        let final_alpha_cumprod = schedule.final_alpha_cumprod(config.set_alpha_to_one);
         Ok(Self {
             timesteps: (0..config.num_train_timesteps)
                 .rev()
@@ -291,11 +291,9 @@ impl<T: SchedulerTensor> Scheduler<T> for TcdScheduler {
         let timestep_s = ((1.0 - gamma) as f32 * prev_timestep as f32).floor() as f64;
         // 2. alphas and betas
         let alpha_prod_t = self.schedule.alpha_bar(timestep)?;
-        let alpha_prod_t_prev = if prev_timestep >= 0.0 {
-            self.schedule.alpha_bar(prev_timestep)?
-        } else {
-            self.final_alpha_cumprod
-        };
+        let alpha_prod_t_prev = self
+            .schedule
+            .alpha_bar_or(prev_timestep, self.final_alpha_cumprod)?;
         let alpha_prod_s = self.schedule.alpha_bar(timestep_s)?;
         let (a, s) = (alpha_prod_t.sqrt(), (1.0 - alpha_prod_t).sqrt());
         // 3. x0 and eps, then the deterministic jump to s

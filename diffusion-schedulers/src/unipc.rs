@@ -24,10 +24,10 @@ use serde_json::Value;
 
 use crate::common::{
     FinalSigmasType, PredictionType, SigmaSpacing, TimestepSchedule, TimestepSpacing, check_steps,
-    dynamic_threshold, index_for_timestep, multistep_timesteps, vp_alpha_sigma,
-    vp_inference_sigmas, vp_lambda, vp_pred_eps, vp_pred_x0,
+    dynamic_threshold, finite_terminal_alphas_cumprod, index_for_timestep, multistep_timesteps,
+    vp_alpha_sigma, vp_inference_sigmas, vp_lambda, vp_pred_eps, vp_pred_x0,
 };
-use crate::schedule::{BetaSchedule, NoiseSchedule, check_same_shape};
+use crate::schedule::{BetaSchedule, NoiseSchedule, check_not_sigmoid, check_same_shape};
 use crate::scheduler::{Scheduler, StepOutput};
 
 /// The `solver_type` key: the choice of `B(h)` in the UniPC update (Zhao et al. 2023, §3.2).
@@ -184,33 +184,6 @@ pub(crate) fn reject_flow_keys(
         return unsupported("time_shift_type");
     }
     Ok(())
-}
-
-/// Builds the training schedule of a VP multistep sampler, rejecting the `sigmoid` schedule
-/// that diffusers' DPM-Solver / UniPC / DEIS do not implement.
-pub(crate) fn vp_noise_schedule(
-    class: &str,
-    num_train_timesteps: usize,
-    beta_start: f64,
-    beta_end: f64,
-    beta_schedule: BetaSchedule,
-    trained_betas: Option<&[f64]>,
-    rescale_betas_zero_snr: bool,
-) -> Result<NoiseSchedule> {
-    if beta_schedule == BetaSchedule::Sigmoid && trained_betas.is_none() {
-        return Err(Error::config(
-            "beta_schedule",
-            format!("`sigmoid` is not implemented for {class}"),
-        ));
-    }
-    NoiseSchedule::new(
-        num_train_timesteps,
-        beta_start,
-        beta_end,
-        beta_schedule,
-        trained_betas,
-        rescale_betas_zero_snr,
-    )
 }
 
 /// Solves `a x = b` for a small dense square system by Gaussian elimination with partial
@@ -372,8 +345,8 @@ impl<T: SchedulerTensor> UniPcMultistepScheduler<T> {
             config.use_exponential_sigmas,
             config.use_beta_sigmas,
         )?;
-        let schedule = vp_noise_schedule(
-            CLASS,
+        check_not_sigmoid(CLASS, config.beta_schedule, config.trained_betas.as_deref())?;
+        let schedule = NoiseSchedule::new(
             config.num_train_timesteps,
             config.beta_start,
             config.beta_end,
@@ -381,11 +354,10 @@ impl<T: SchedulerTensor> UniPcMultistepScheduler<T> {
             config.trained_betas.as_deref(),
             config.rescale_betas_zero_snr,
         )?;
-        let mut alphas_cumprod = schedule.alphas_cumprod.clone();
-        if config.rescale_betas_zero_snr {
-            // Close to zero without being zero, so the first sigma stays finite.
-            *alphas_cumprod.last_mut().expect("validated schedule") = 2f64.powi(-24);
-        }
+        let alphas_cumprod = finite_terminal_alphas_cumprod(
+            schedule.alphas_cumprod.clone(),
+            config.rescale_betas_zero_snr,
+        );
         let model_outputs = vec![None; config.solver_order];
         Ok(Self {
             config,
