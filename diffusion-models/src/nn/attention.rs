@@ -4,10 +4,10 @@
 use burn::config::Config;
 use burn::module::Module;
 use burn::nn::{GroupNorm, GroupNormConfig, Linear, LinearConfig};
+use burn::tensor::Tensor;
 use burn::tensor::backend::Backend;
 use burn::tensor::module::attention;
 use burn::tensor::ops::AttentionModuleOptions;
-use burn::tensor::Tensor;
 
 use super::{cast_to, group_norm, upcast_dtype};
 
