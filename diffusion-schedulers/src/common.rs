@@ -5,6 +5,7 @@ use diffusion_core::{Error, Result, SchedulerTensor};
 use serde::{Deserialize, Serialize};
 
 pub use crate::schedule::linspace;
+use crate::schedule::{NoiseSchedule, batch_size, check_same_shape, per_batch};
 
 /// The `prediction_type` key: what the model predicts.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, Default)]
@@ -86,6 +87,19 @@ pub fn check_custom_timesteps(timesteps: &[f64], num_train_timesteps: usize) -> 
     {
         return Err(Error::InvalidArgument(format!(
             "custom timesteps must lie in [0, {num_train_timesteps})"
+        )));
+    }
+    Ok(())
+}
+
+/// Checks custom timesteps for samplers that index their tables with integer timesteps
+/// (diffusers casts them to `int64`): strictly decreasing, in `[0, num_train_timesteps)`
+/// and whole numbers.
+pub fn check_integer_timesteps(timesteps: &[f64], num_train_timesteps: usize) -> Result<()> {
+    check_custom_timesteps(timesteps, num_train_timesteps)?;
+    if let Some(t) = timesteps.iter().find(|t| t.fract() != 0.0) {
+        return Err(Error::InvalidArgument(format!(
+            "custom timesteps must be whole numbers for this sampler, got {t}"
         )));
     }
     Ok(())
@@ -221,6 +235,89 @@ pub fn index_for_timestep(schedule: &[f64], timestep: f64) -> Result<usize> {
         1 => Ok(matches[0]),
         _ => Ok(matches[1]),
     }
+}
+
+/// diffusers' `_step_index` / `_begin_index` bookkeeping: where a run is in its schedule.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct StepIndex {
+    /// Index of the current step in the schedule, once the run has started.
+    pub step: Option<usize>,
+    /// Index the run starts at, when a pipeline set one (`set_begin_index`).
+    pub begin: Option<usize>,
+}
+
+impl StepIndex {
+    /// Forgets the position (a new schedule was set).
+    pub fn reset(&mut self) {
+        *self = Self::default();
+    }
+
+    /// The current step index without recording it: the step if the run has started, else
+    /// the begin index if one was set, else `lookup(timestep)` (diffusers'
+    /// `_init_step_index`).
+    pub fn peek(&self, timestep: f64, lookup: impl FnOnce(f64) -> Result<usize>) -> Result<usize> {
+        match (self.step, self.begin) {
+            (Some(i), _) => Ok(i),
+            (None, Some(b)) => Ok(b),
+            (None, None) => lookup(timestep),
+        }
+    }
+
+    /// The current step index, initialised on first use (diffusers' `_init_step_index`):
+    /// the begin index if one was set, else the position of `timestep` in `schedule`.
+    pub fn current(&mut self, timestep: f64, schedule: &[f64]) -> Result<usize> {
+        let i = self.peek(timestep, |t| index_for_timestep(schedule, t))?;
+        self.step = Some(i);
+        Ok(i)
+    }
+
+    /// Moves to the next step.
+    pub fn advance(&mut self) {
+        if let Some(i) = self.step.as_mut() {
+            *i += 1;
+        }
+    }
+
+    /// The sigma indices `add_noise` uses for `timesteps`: looked up in `schedule` when no
+    /// begin index is set, else the current step (or the begin index before the first step).
+    pub fn add_noise_indices(&self, timesteps: &[f64], schedule: &[f64]) -> Result<Vec<usize>> {
+        self.add_noise_indices_with(timesteps, |t| index_for_timestep(schedule, t))
+    }
+
+    /// [`StepIndex::add_noise_indices`] with the timestep lookup given.
+    pub fn add_noise_indices_with(
+        &self,
+        timesteps: &[f64],
+        lookup: impl FnMut(f64) -> Result<usize>,
+    ) -> Result<Vec<usize>> {
+        match (self.begin, self.step) {
+            (None, _) => timesteps.iter().copied().map(lookup).collect(),
+            (Some(_), Some(i)) | (Some(i), None) => Ok(vec![i; timesteps.len()]),
+        }
+    }
+}
+
+/// `sigmas[i]`, or an error saying the run has gone past its last step.
+pub fn sigma_at(sigmas: &[f64], i: usize) -> Result<f64> {
+    sigmas.get(i).copied().ok_or_else(|| {
+        Error::InvalidState(format!(
+            "step {i} is past the end of the schedule ({} sigmas); call set_timesteps again",
+            sigmas.len()
+        ))
+    })
+}
+
+/// The noise level of each batch element for `add_noise`: `sigmas[i]` for the step indices
+/// of its timesteps (one per element, or one for all).
+pub fn add_noise_sigmas(sigmas: &[f64], indices: Vec<usize>, batch: usize) -> Result<Vec<f64>> {
+    per_batch(indices, batch)?
+        .into_iter()
+        .map(|i| {
+            sigmas.get(i).copied().ok_or_else(|| {
+                Error::InvalidArgument(format!("step index {i} is past the end of the schedule"))
+            })
+        })
+        .collect()
 }
 
 /// Converts a model output to the predicted clean sample `x0` for a variance-preserving
@@ -576,17 +673,145 @@ pub fn vp_lambda(sigma: f64) -> f64 {
     alpha_t.ln() - sigma_t.ln()
 }
 
-/// Checks custom timesteps for samplers that index their tables with integer timesteps
-/// (diffusers casts them to `int64`): strictly decreasing, in `[0, num_train_timesteps)`
-/// and whole numbers.
-pub fn check_integer_timesteps(timesteps: &[f64], num_train_timesteps: usize) -> Result<()> {
-    check_custom_timesteps(timesteps, num_train_timesteps)?;
-    if let Some(t) = timesteps.iter().find(|t| t.fract() != 0.0) {
-        return Err(Error::InvalidArgument(format!(
-            "custom timesteps must be whole numbers for this sampler, got {t}"
-        )));
+/// The smallest noise level of the training schedule, `sqrt((1 - abar_0) / abar_0)`
+/// (where `final_sigmas_type = "sigma_min"` ends a VP multistep run).
+pub fn vp_sigma_min(alphas_cumprod: &[f64]) -> f64 {
+    let a0 = alphas_cumprod[0];
+    ((1.0 - a0) / a0).sqrt()
+}
+
+/// `add_noise` of diffusers' VP multistep samplers: `x = alpha_t x0 + sigma_t noise` at the
+/// inference noise level `sigmas[i]` of each batch element's step index `i`.
+pub fn vp_add_noise_at<T: SchedulerTensor>(
+    original_samples: &T,
+    noise: &T,
+    sigmas: &[f64],
+    indices: Vec<usize>,
+) -> Result<T> {
+    let levels = add_noise_sigmas(sigmas, indices, batch_size(original_samples))?;
+    let (alphas, sigmas_t): (Vec<f64>, Vec<f64>) = levels.into_iter().map(vp_alpha_sigma).unzip();
+    Ok(original_samples
+        .scale_batch(&alphas)
+        .add(&noise.scale_batch(&sigmas_t)))
+}
+
+/// `add_noise` of UniPC and DEIS: [`vp_add_noise_at`] with the step indices of
+/// [`StepIndex::add_noise_indices`] (each timestep looked up in the schedule, or the current
+/// / begin step when a pipeline set a begin index).
+///
+/// Before `set_timesteps` the training schedule is used (diffusers would index its
+/// training sigmas with positions in its reversed timestep list, a bug not reproduced here).
+pub fn vp_add_noise<T: SchedulerTensor>(
+    schedule: &NoiseSchedule,
+    inference_timesteps: &[f64],
+    sigmas: &[f64],
+    index: &StepIndex,
+    original_samples: &T,
+    noise: &T,
+    timesteps: &[f64],
+) -> Result<T> {
+    if inference_timesteps.is_empty() {
+        return schedule.add_noise(original_samples, noise, timesteps);
+    }
+    check_same_shape(original_samples, noise)?;
+    let indices = index.add_noise_indices(timesteps, inference_timesteps)?;
+    vp_add_noise_at(original_samples, noise, sigmas, indices)
+}
+
+/// Rejects the flow-matching keys diffusers' VP multistep samplers carry but this crate does
+/// not implement for them, unless they hold their defaults.
+pub fn reject_flow_keys(
+    class: &str,
+    use_flow_sigmas: bool,
+    flow_shift: f64,
+    use_dynamic_shifting: bool,
+    time_shift_type: &str,
+) -> Result<()> {
+    let unsupported = |key: &str| {
+        Err(Error::Unsupported(format!(
+            "{class}: `{key}` (flow-matching sigmas) is not supported; use a flow-matching scheduler"
+        )))
+    };
+    if use_flow_sigmas {
+        return unsupported("use_flow_sigmas");
+    }
+    if flow_shift != 1.0 {
+        return unsupported("flow_shift");
+    }
+    if use_dynamic_shifting {
+        return unsupported("use_dynamic_shifting");
+    }
+    if time_shift_type != "exponential" {
+        return unsupported("time_shift_type");
     }
     Ok(())
+}
+
+/// The last `solver_order` converted model outputs of a multistep solver, oldest first
+/// (diffusers' `model_outputs` list); empty slots before the run has produced them.
+#[derive(Debug, Clone)]
+pub struct ModelOutputs<T>(Vec<Option<T>>);
+
+impl<T> ModelOutputs<T> {
+    /// Room for `solver_order` outputs, all empty.
+    pub fn new(solver_order: usize) -> Self {
+        Self((0..solver_order).map(|_| None).collect())
+    }
+
+    /// How many outputs are kept (the solver order).
+    pub fn capacity(&self) -> usize {
+        self.0.len()
+    }
+
+    /// Stores `output` as the newest, dropping the oldest.
+    pub fn push(&mut self, output: T) {
+        self.0.rotate_left(1);
+        if let Some(last) = self.0.last_mut() {
+            *last = Some(output);
+        }
+    }
+
+    /// Whether the `back`-th newest output (0 = the newest) is stored.
+    pub fn has(&self, back: usize) -> bool {
+        back < self.0.len() && self.0[self.0.len() - 1 - back].is_some()
+    }
+
+    /// The newest `count` outputs, newest first.
+    pub fn newest(&self, count: usize) -> Result<Vec<&T>> {
+        if count > self.0.len() {
+            return Err(Error::InvalidState(format!(
+                "{count} earlier model outputs asked of a solver that keeps {}",
+                self.0.len()
+            )));
+        }
+        self.0
+            .iter()
+            .rev()
+            .take(count)
+            .map(|m| {
+                m.as_ref()
+                    .ok_or_else(|| Error::InvalidState("missing an earlier model output".into()))
+            })
+            .collect()
+    }
+}
+
+/// The order of the next step of an order-1-to-3 multistep solver (DPM-Solver multistep,
+/// DEIS): capped by how many steps have stored outputs (`warmed_up`), and lowered to 1 or 2
+/// where the sampler asks for a lower order at the end of the run.
+pub fn multistep_order(
+    solver_order: usize,
+    warmed_up: usize,
+    lower_order_final: bool,
+    lower_order_second: bool,
+) -> usize {
+    if solver_order == 1 || warmed_up < 1 || lower_order_final {
+        1
+    } else if solver_order == 2 || warmed_up < 2 || lower_order_second {
+        2
+    } else {
+        3
+    }
 }
 
 // ---------------------------------------------------------------------------------------
@@ -735,55 +960,6 @@ pub fn k_pred_x0<T: SchedulerTensor>(
     }
 }
 
-/// diffusers' `_step_index` / `_begin_index` bookkeeping of the sigma-space samplers.
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
-pub struct StepIndex {
-    /// Index of the current step in the schedule, once the run has started.
-    pub step: Option<usize>,
-    /// Index the run starts at, when a pipeline set one (`set_begin_index`).
-    pub begin: Option<usize>,
-}
-
-impl StepIndex {
-    /// Forgets the position (a new schedule was set).
-    pub fn reset(&mut self) {
-        *self = Self::default();
-    }
-
-    /// The current step index, initialised on first use (diffusers' `_init_step_index`):
-    /// the begin index if one was set, else the position of `timestep` in `schedule`.
-    pub fn current(&mut self, timestep: f64, schedule: &[f64]) -> Result<usize> {
-        if let Some(i) = self.step {
-            return Ok(i);
-        }
-        let i = match self.begin {
-            Some(b) => b,
-            None => index_for_timestep(schedule, timestep)?,
-        };
-        self.step = Some(i);
-        Ok(i)
-    }
-
-    /// Moves to the next step.
-    pub fn advance(&mut self) {
-        if let Some(i) = self.step.as_mut() {
-            *i += 1;
-        }
-    }
-
-    /// The sigma indices `add_noise` uses for `timesteps`: looked up in `schedule` when no
-    /// begin index is set, else the current step (or the begin index before the first step).
-    pub fn add_noise_indices(&self, timesteps: &[f64], schedule: &[f64]) -> Result<Vec<usize>> {
-        match (self.begin, self.step) {
-            (None, _) => timesteps
-                .iter()
-                .map(|&t| index_for_timestep(schedule, t))
-                .collect(),
-            (Some(_), Some(i)) | (Some(i), None) => Ok(vec![i; timesteps.len()]),
-        }
-    }
-}
-
 /// `add_noise` of the sigma-space samplers: `x = x0 + sigma * noise` with each batch
 /// element's sigma found from its timestep ([`StepIndex::add_noise_indices`]); one timestep
 /// noises the whole batch.
@@ -795,37 +971,10 @@ pub fn k_add_noise<T: SchedulerTensor>(
     sigmas: &[f64],
     step_index: &StepIndex,
 ) -> Result<T> {
-    crate::schedule::check_same_shape(original_samples, noise)?;
-    let batch = original_samples.shape().first().copied().unwrap_or(1);
+    check_same_shape(original_samples, noise)?;
     let indices = step_index.add_noise_indices(timesteps, schedule)?;
-    let mut per_batch = indices
-        .iter()
-        .map(|&i| {
-            sigmas.get(i).copied().ok_or_else(|| {
-                Error::InvalidArgument(format!("step index {i} is past the end of the schedule"))
-            })
-        })
-        .collect::<Result<Vec<f64>>>()?;
-    if per_batch.len() == 1 {
-        per_batch = vec![per_batch[0]; batch];
-    }
-    if per_batch.len() != batch {
-        return Err(Error::Shape(format!(
-            "{} timesteps for a batch of {batch} (give one per batch element, or one for all)",
-            per_batch.len()
-        )));
-    }
-    Ok(original_samples.add(&noise.scale_batch(&per_batch)))
-}
-
-/// `sigmas[i]`, or an error saying the run has gone past its last step.
-pub fn sigma_at(sigmas: &[f64], i: usize) -> Result<f64> {
-    sigmas.get(i).copied().ok_or_else(|| {
-        Error::InvalidState(format!(
-            "step {i} is past the end of the schedule ({} sigmas); call set_timesteps again",
-            sigmas.len()
-        ))
-    })
+    let sigmas = add_noise_sigmas(sigmas, indices, batch_size(original_samples))?;
+    Ok(original_samples.add(&noise.scale_batch(&sigmas)))
 }
 
 /// `torch.lerp(a.log(), b.log(), 0.5).exp()` as torch evaluates it (`end - (end - start)

@@ -12,13 +12,12 @@ use diffusion_core::{ConfigMap, Error, NoiseSource, Result, SchedulerTensor};
 use serde::Deserialize;
 
 use crate::common::{
-    PredictionType, SigmaSpacing, TimestepSchedule, TimestepSpacing, check_steps,
-    dynamic_threshold, index_for_timestep, multistep_timesteps, vp_alpha_sigma,
-    vp_inference_sigmas, vp_lambda, vp_pred_x0,
+    ModelOutputs, PredictionType, SigmaSpacing, StepIndex, TimestepSchedule, TimestepSpacing,
+    check_steps, dynamic_threshold, multistep_order, multistep_timesteps, reject_flow_keys,
+    vp_add_noise, vp_alpha_sigma, vp_inference_sigmas, vp_lambda, vp_pred_x0, vp_sigma_min,
 };
 use crate::schedule::{BetaSchedule, NoiseSchedule, check_not_sigmoid, check_same_shape};
 use crate::scheduler::{Scheduler, StepOutput};
-use crate::unipc::{reject_flow_keys, vp_add_noise};
 
 /// The `algorithm_type` key. Only `deis` exists; diffusers replaces the DPM-Solver names
 /// `dpmsolver` and `dpmsolver++` by it, so they are accepted too.
@@ -168,10 +167,9 @@ pub struct DeisMultistepScheduler<T> {
     spacing: SigmaSpacing,
     timesteps: Vec<f64>,
     sigmas: Vec<f64>,
-    model_outputs: Vec<Option<T>>,
+    model_outputs: ModelOutputs<T>,
     lower_order_nums: usize,
-    step_index: Option<usize>,
-    begin_index: Option<usize>,
+    index: StepIndex,
 }
 
 impl<T: SchedulerTensor> DeisMultistepScheduler<T> {
@@ -205,17 +203,15 @@ impl<T: SchedulerTensor> DeisMultistepScheduler<T> {
             config.trained_betas.as_deref(),
             false,
         )?;
-        let model_outputs = vec![None; config.solver_order];
         Ok(Self {
+            model_outputs: ModelOutputs::new(config.solver_order),
             config,
             schedule,
             spacing,
             timesteps: Vec::new(),
             sigmas: Vec::new(),
-            model_outputs,
             lower_order_nums: 0,
-            step_index: None,
-            begin_index: None,
+            index: StepIndex::default(),
         })
     }
 
@@ -236,7 +232,7 @@ impl<T: SchedulerTensor> DeisMultistepScheduler<T> {
 
     /// Index of the next step in the schedule, once the run has started.
     pub fn step_index(&self) -> Option<usize> {
-        self.step_index
+        self.index.step
     }
 
     /// The model output as the noise prediction DEIS integrates, going through `x0` so that
@@ -252,23 +248,9 @@ impl<T: SchedulerTensor> DeisMultistepScheduler<T> {
         (eps, x0)
     }
 
-    /// The last `order` stored outputs, newest first.
-    fn stored_outputs(&self, order: usize) -> Result<Vec<&T>> {
-        self.model_outputs
-            .iter()
-            .rev()
-            .take(order)
-            .map(|m| {
-                m.as_ref().ok_or_else(|| {
-                    Error::InvalidState("DEIS: missing an earlier model output".into())
-                })
-            })
-            .collect()
-    }
-
     /// One DEIS step of `order` from `sample` at `sigmas[i]` to `sigmas[i + 1]`.
     fn update(&self, sample: &T, i: usize, order: usize) -> Result<T> {
-        let m = self.stored_outputs(order)?;
+        let m = self.model_outputs.newest(order)?;
         let (alpha_t, sigma_t) = vp_alpha_sigma(self.sigmas[i + 1]);
         let (alpha_s0, sigma_s0) = vp_alpha_sigma(self.sigmas[i]);
         if order == 1 {
@@ -346,19 +328,15 @@ impl<T: SchedulerTensor> Scheduler<T> for DeisMultistepScheduler<T> {
         // DEIS never ends on sigma = 0: the respaced schedules repeat their smallest sigma,
         // the plain one ends on the first training sigma.
         let sigma_last = match self.spacing {
-            SigmaSpacing::Timesteps => {
-                let a0 = self.schedule.alphas_cumprod[0];
-                ((1.0 - a0) / a0).sqrt()
-            }
+            SigmaSpacing::Timesteps => vp_sigma_min(&self.schedule.alphas_cumprod),
             _ => *sigmas.last().expect("at least one step"),
         };
         sigmas.push(sigma_last);
         self.timesteps = table.timesteps;
         self.sigmas = sigmas;
-        self.model_outputs = vec![None; c.solver_order];
+        self.model_outputs = ModelOutputs::new(c.solver_order);
         self.lower_order_nums = 0;
-        self.step_index = None;
-        self.begin_index = None;
+        self.index.reset();
         Ok(())
     }
 
@@ -381,20 +359,13 @@ impl<T: SchedulerTensor> Scheduler<T> for DeisMultistepScheduler<T> {
             return Err(Error::InvalidState("call set_timesteps before step".into()));
         }
         check_same_shape(model_output, sample)?;
-        let i = match self.step_index {
-            Some(i) => i,
-            None => match self.begin_index {
-                Some(b) => b,
-                None => index_for_timestep(&self.timesteps, timestep)?,
-            },
-        };
+        let i = self.index.current(timestep, &self.timesteps)?;
         let n = self.timesteps.len();
         if i >= n {
             return Err(Error::InvalidState(format!(
                 "step {i} is past the end of the {n}-step schedule"
             )));
         }
-        self.step_index = Some(i);
 
         let c = &self.config;
         let short_run = c.lower_order_final && n < 15;
@@ -403,22 +374,20 @@ impl<T: SchedulerTensor> Scheduler<T> for DeisMultistepScheduler<T> {
 
         let (eps, x0) = self.convert_model_output(model_output, sample, self.sigmas[i]);
         let order = c.solver_order;
-        self.model_outputs.rotate_left(1);
-        self.model_outputs[order - 1] = Some(eps);
+        self.model_outputs.push(eps);
 
-        let this_order = if order == 1 || self.lower_order_nums < 1 || lower_order_final {
-            1
-        } else if order == 2 || self.lower_order_nums < 2 || lower_order_second {
-            2
-        } else {
-            3
-        };
+        let this_order = multistep_order(
+            order,
+            self.lower_order_nums,
+            lower_order_final,
+            lower_order_second,
+        );
         let prev_sample = self.update(sample, i, this_order)?;
 
         if self.lower_order_nums < order {
             self.lower_order_nums += 1;
         }
-        self.step_index = Some(i + 1);
+        self.index.advance();
         Ok(StepOutput {
             prev_sample,
             pred_original_sample: Some(x0),
@@ -430,8 +399,7 @@ impl<T: SchedulerTensor> Scheduler<T> for DeisMultistepScheduler<T> {
             &self.schedule,
             &self.timesteps,
             &self.sigmas,
-            self.step_index,
-            self.begin_index,
+            &self.index,
             original_samples,
             noise,
             timesteps,
@@ -439,7 +407,7 @@ impl<T: SchedulerTensor> Scheduler<T> for DeisMultistepScheduler<T> {
     }
 
     fn set_begin_index(&mut self, begin_index: usize) {
-        self.begin_index = Some(begin_index);
+        self.index.begin = Some(begin_index);
     }
 }
 

@@ -13,7 +13,7 @@ use crate::common::{
     k_spaced_timesteps, linspace, respace_sigmas, sigma_at, sigmas_at_timesteps,
     sigmas_to_timesteps,
 };
-use crate::schedule::{BetaSchedule, NoiseSchedule};
+use crate::schedule::{BetaSchedule, NoiseSchedule, batch_size, check_same_shape, per_batch};
 use crate::scheduler::{Scheduler, StepOutput};
 
 /// The `interpolation_type` key: how inference sigmas are read off the training sigmas.
@@ -229,24 +229,15 @@ impl EulerDiscreteScheduler {
         noise: &T,
         timesteps: &[f64],
     ) -> Result<T> {
-        crate::schedule::check_same_shape(sample, noise)?;
-        let batch = sample.shape().first().copied().unwrap_or(1);
-        let mut abar = timesteps
+        check_same_shape(sample, noise)?;
+        let abar = timesteps
             .iter()
             .map(|&t| {
                 let i = index_for_timestep(&self.timesteps, t)?;
                 sigma_at(&self.alphas_cumprod, i)
             })
             .collect::<Result<Vec<f64>>>()?;
-        if abar.len() == 1 {
-            abar = vec![abar[0]; batch];
-        }
-        if abar.len() != batch {
-            return Err(Error::Shape(format!(
-                "{} timesteps for a batch of {batch}",
-                abar.len()
-            )));
-        }
+        let abar = per_batch(abar, batch_size(sample))?;
         let a: Vec<f64> = abar.iter().map(|v| v.sqrt()).collect();
         let s: Vec<f64> = abar.iter().map(|v| (1.0 - v).sqrt()).collect();
         Ok(noise.scale_batch(&a).sub(&sample.scale_batch(&s)))

@@ -248,24 +248,17 @@ impl NoiseSchedule {
             .collect()
     }
 
-    fn per_batch<T: SchedulerTensor>(
+    fn per_batch_alpha_bar<T: SchedulerTensor>(
         &self,
         x: &T,
         timesteps: &[f64],
         f: impl Fn(f64) -> f64,
     ) -> Result<Vec<f64>> {
-        let batch = x.shape().first().copied().unwrap_or(1);
         let values = timesteps
             .iter()
             .map(|&t| self.alpha_bar(t).map(&f))
             .collect::<Result<Vec<_>>>()?;
-        match values.len() {
-            n if n == batch => Ok(values),
-            1 => Ok(vec![values[0]; batch]),
-            n => Err(Error::Shape(format!(
-                "{n} timesteps for a batch of {batch} (give one per batch element, or one for all)"
-            ))),
-        }
+        per_batch(values, batch_size(x))
     }
 
     /// The closed-form forward process `q(x_t | x_0)` (DDPM eq. 4):
@@ -278,8 +271,8 @@ impl NoiseSchedule {
         timesteps: &[f64],
     ) -> Result<T> {
         check_same_shape(original_samples, noise)?;
-        let a = self.per_batch(original_samples, timesteps, f64::sqrt)?;
-        let s = self.per_batch(original_samples, timesteps, |ab| (1.0 - ab).sqrt())?;
+        let a = self.per_batch_alpha_bar(original_samples, timesteps, f64::sqrt)?;
+        let s = self.per_batch_alpha_bar(original_samples, timesteps, |ab| (1.0 - ab).sqrt())?;
         Ok(original_samples.scale_batch(&a).add(&noise.scale_batch(&s)))
     }
 
@@ -292,8 +285,8 @@ impl NoiseSchedule {
         timesteps: &[f64],
     ) -> Result<T> {
         check_same_shape(sample, noise)?;
-        let a = self.per_batch(sample, timesteps, f64::sqrt)?;
-        let s = self.per_batch(sample, timesteps, |ab| (1.0 - ab).sqrt())?;
+        let a = self.per_batch_alpha_bar(sample, timesteps, f64::sqrt)?;
+        let s = self.per_batch_alpha_bar(sample, timesteps, |ab| (1.0 - ab).sqrt())?;
         Ok(noise.scale_batch(&a).sub(&sample.scale_batch(&s)))
     }
 }
@@ -313,6 +306,23 @@ pub fn check_not_sigmoid(
         ));
     }
     Ok(())
+}
+
+/// The batch size of `x`: its first dimension (1 for a scalar).
+pub fn batch_size<T: SchedulerTensor>(x: &T) -> usize {
+    x.shape().first().copied().unwrap_or(1)
+}
+
+/// One value per batch element from `values` given either per element or once for the
+/// whole batch, as `add_noise` takes its timesteps.
+pub fn per_batch<V: Copy>(values: Vec<V>, batch: usize) -> Result<Vec<V>> {
+    match values.len() {
+        n if n == batch => Ok(values),
+        1 => Ok(vec![values[0]; batch]),
+        n => Err(Error::Shape(format!(
+            "{n} timesteps for a batch of {batch} (give one per batch element, or one for all)"
+        ))),
+    }
 }
 
 /// Errors unless `a` and `b` have the same shape.

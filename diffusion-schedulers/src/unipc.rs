@@ -23,9 +23,10 @@ use serde::Deserialize;
 use serde_json::Value;
 
 use crate::common::{
-    FinalSigmasType, PredictionType, SigmaSpacing, TimestepSchedule, TimestepSpacing, check_steps,
-    dynamic_threshold, finite_terminal_alphas_cumprod, index_for_timestep, multistep_timesteps,
-    vp_alpha_sigma, vp_inference_sigmas, vp_lambda, vp_pred_eps, vp_pred_x0,
+    FinalSigmasType, ModelOutputs, PredictionType, SigmaSpacing, StepIndex, TimestepSchedule,
+    TimestepSpacing, check_steps, dynamic_threshold, finite_terminal_alphas_cumprod,
+    multistep_timesteps, reject_flow_keys, vp_add_noise, vp_alpha_sigma, vp_inference_sigmas,
+    vp_lambda, vp_pred_eps, vp_pred_x0, vp_sigma_min,
 };
 use crate::schedule::{BetaSchedule, NoiseSchedule, check_not_sigmoid, check_same_shape};
 use crate::scheduler::{Scheduler, StepOutput};
@@ -157,35 +158,6 @@ impl Default for UniPcConfig {
     }
 }
 
-/// Rejects the flow-matching keys diffusers' VP multistep samplers carry but this crate does
-/// not implement for them, unless they hold their defaults.
-pub(crate) fn reject_flow_keys(
-    class: &str,
-    use_flow_sigmas: bool,
-    flow_shift: f64,
-    use_dynamic_shifting: bool,
-    time_shift_type: &str,
-) -> Result<()> {
-    let unsupported = |key: &str| {
-        Err(Error::Unsupported(format!(
-            "{class}: `{key}` (flow-matching sigmas) is not supported; use a flow-matching scheduler"
-        )))
-    };
-    if use_flow_sigmas {
-        return unsupported("use_flow_sigmas");
-    }
-    if flow_shift != 1.0 {
-        return unsupported("flow_shift");
-    }
-    if use_dynamic_shifting {
-        return unsupported("use_dynamic_shifting");
-    }
-    if time_shift_type != "exponential" {
-        return unsupported("time_shift_type");
-    }
-    Ok(())
-}
-
 /// Solves `a x = b` for a small dense square system by Gaussian elimination with partial
 /// pivoting (what `torch.linalg.solve` computes for UniPC's Vandermonde-like systems).
 pub(crate) fn solve_linear(mut a: Vec<Vec<f64>>, mut b: Vec<f64>) -> Result<Vec<f64>> {
@@ -295,12 +267,11 @@ pub struct UniPcMultistepScheduler<T> {
     spacing: SigmaSpacing,
     timesteps: Vec<f64>,
     sigmas: Vec<f64>,
-    model_outputs: Vec<Option<T>>,
+    model_outputs: ModelOutputs<T>,
     lower_order_nums: usize,
     last_sample: Option<T>,
     this_order: usize,
-    step_index: Option<usize>,
-    begin_index: Option<usize>,
+    index: StepIndex,
 }
 
 impl<T: SchedulerTensor> UniPcMultistepScheduler<T> {
@@ -358,20 +329,18 @@ impl<T: SchedulerTensor> UniPcMultistepScheduler<T> {
             schedule.alphas_cumprod.clone(),
             config.rescale_betas_zero_snr,
         );
-        let model_outputs = vec![None; config.solver_order];
         Ok(Self {
+            model_outputs: ModelOutputs::new(config.solver_order),
             config,
             schedule,
             alphas_cumprod,
             spacing,
             timesteps: Vec::new(),
             sigmas: Vec::new(),
-            model_outputs,
             lower_order_nums: 0,
             last_sample: None,
             this_order: 1,
-            step_index: None,
-            begin_index: None,
+            index: StepIndex::default(),
         })
     }
 
@@ -392,7 +361,7 @@ impl<T: SchedulerTensor> UniPcMultistepScheduler<T> {
 
     /// Index of the next step in the schedule, once the run has started.
     pub fn step_index(&self) -> Option<usize> {
-        self.step_index
+        self.index.step
     }
 
     fn convert_model_output(&self, model_output: &T, sample: &T, sigma: f64) -> T {
@@ -424,7 +393,7 @@ impl<T: SchedulerTensor> UniPcMultistepScheduler<T> {
     /// One UniP step (Zhao et al. 2023, Algorithm 2 / eq. 8, predictor part) from `sample` at
     /// `sigmas[i]` to `sigmas[i + 1]`, using the last `order` stored outputs.
     fn uni_p_update(&self, sample: &T, i: usize, order: usize) -> Result<T> {
-        let outputs = self.stored_outputs(order)?;
+        let outputs = self.model_outputs.newest(order)?;
         let m0 = outputs[0];
         let (sigma_t, sigma_s0) = (self.sigmas[i + 1], self.sigmas[i]);
         let lambda_s0 = vp_lambda(sigma_s0);
@@ -469,7 +438,7 @@ impl<T: SchedulerTensor> UniPcMultistepScheduler<T> {
     /// One UniC step (Zhao et al. 2023, Algorithm 2, corrector part): redoes the update from
     /// `last_sample` at `sigmas[i - 1]` to `sigmas[i]` with the fresh output `model_t` there.
     fn uni_c_update(&self, model_t: &T, last_sample: &T, i: usize, order: usize) -> Result<T> {
-        let outputs = self.stored_outputs(order)?;
+        let outputs = self.model_outputs.newest(order)?;
         let m0 = outputs[0];
         let (sigma_t, sigma_s0) = (self.sigmas[i], self.sigmas[i - 1]);
         let lambda_s0 = vp_lambda(sigma_s0);
@@ -505,20 +474,6 @@ impl<T: SchedulerTensor> UniPcMultistepScheduler<T> {
         terms.push((c_t, model_t));
         terms.push((m0_coef, m0));
         Ok(T::lincomb(&terms))
-    }
-
-    /// The last `order` stored model outputs, newest first.
-    fn stored_outputs(&self, order: usize) -> Result<Vec<&T>> {
-        self.model_outputs
-            .iter()
-            .rev()
-            .take(order)
-            .map(|m| {
-                m.as_ref().ok_or_else(|| {
-                    Error::InvalidState("UniPC: missing an earlier model output".into())
-                })
-            })
-            .collect()
     }
 }
 
@@ -573,19 +528,17 @@ impl<T: SchedulerTensor> Scheduler<T> for UniPcMultistepScheduler<T> {
                 SigmaSpacing::Karras | SigmaSpacing::Exponential | SigmaSpacing::Beta,
             ) => *sigmas.last().expect("at least one step"),
             (FinalSigmasType::SigmaMin, SigmaSpacing::Timesteps) => {
-                let a0 = self.alphas_cumprod[0];
-                ((1.0 - a0) / a0).sqrt()
+                vp_sigma_min(&self.alphas_cumprod)
             }
         };
         sigmas.push(sigma_last);
         self.timesteps = table.timesteps;
         self.sigmas = sigmas;
-        self.model_outputs = vec![None; c.solver_order];
+        self.model_outputs = ModelOutputs::new(c.solver_order);
         self.lower_order_nums = 0;
         self.last_sample = None;
         self.this_order = 1;
-        self.step_index = None;
-        self.begin_index = None;
+        self.index.reset();
         Ok(())
     }
 
@@ -608,20 +561,13 @@ impl<T: SchedulerTensor> Scheduler<T> for UniPcMultistepScheduler<T> {
             return Err(Error::InvalidState("call set_timesteps before step".into()));
         }
         check_same_shape(model_output, sample)?;
-        let i = match self.step_index {
-            Some(i) => i,
-            None => match self.begin_index {
-                Some(b) => b,
-                None => index_for_timestep(&self.timesteps, timestep)?,
-            },
-        };
+        let i = self.index.current(timestep, &self.timesteps)?;
         if i >= self.timesteps.len() {
             return Err(Error::InvalidState(format!(
                 "step {i} is past the end of the {}-step schedule",
                 self.timesteps.len()
             )));
         }
-        self.step_index = Some(i);
 
         let order = self.config.solver_order;
         let converted = self.convert_model_output(model_output, sample, self.sigmas[i]);
@@ -633,8 +579,7 @@ impl<T: SchedulerTensor> Scheduler<T> for UniPcMultistepScheduler<T> {
             _ => sample.clone(),
         };
 
-        self.model_outputs.rotate_left(1);
-        self.model_outputs[order - 1] = Some(converted.clone());
+        self.model_outputs.push(converted.clone());
 
         let this_order = if self.config.lower_order_final {
             order.min(self.timesteps.len() - i)
@@ -649,7 +594,7 @@ impl<T: SchedulerTensor> Scheduler<T> for UniPcMultistepScheduler<T> {
         if self.lower_order_nums < order {
             self.lower_order_nums += 1;
         }
-        self.step_index = Some(i + 1);
+        self.index.advance();
         Ok(StepOutput {
             prev_sample,
             pred_original_sample: self.config.predict_x0.then_some(converted),
@@ -661,8 +606,7 @@ impl<T: SchedulerTensor> Scheduler<T> for UniPcMultistepScheduler<T> {
             &self.schedule,
             &self.timesteps,
             &self.sigmas,
-            self.step_index,
-            self.begin_index,
+            &self.index,
             original_samples,
             noise,
             timesteps,
@@ -670,61 +614,8 @@ impl<T: SchedulerTensor> Scheduler<T> for UniPcMultistepScheduler<T> {
     }
 
     fn set_begin_index(&mut self, begin_index: usize) {
-        self.begin_index = Some(begin_index);
+        self.index.begin = Some(begin_index);
     }
-}
-
-/// `add_noise` of diffusers' VP multistep samplers (DPM-Solver, UniPC, DEIS):
-/// `x = alpha_t x0 + sigma_t noise` at the inference noise level of each timestep, looked up
-/// in the schedule (or the current / begin step when a pipeline set a begin index).
-///
-/// Before `set_timesteps` the training schedule is used (diffusers would index its
-/// training sigmas with positions in its reversed timestep list, a bug not reproduced here).
-#[allow(clippy::too_many_arguments)]
-pub(crate) fn vp_add_noise<T: SchedulerTensor>(
-    schedule: &NoiseSchedule,
-    inference_timesteps: &[f64],
-    sigmas: &[f64],
-    step_index: Option<usize>,
-    begin_index: Option<usize>,
-    original_samples: &T,
-    noise: &T,
-    timesteps: &[f64],
-) -> Result<T> {
-    if inference_timesteps.is_empty() {
-        return schedule.add_noise(original_samples, noise, timesteps);
-    }
-    check_same_shape(original_samples, noise)?;
-    let indices: Vec<usize> = match (begin_index, step_index) {
-        (None, _) => timesteps
-            .iter()
-            .map(|&t| index_for_timestep(inference_timesteps, t))
-            .collect::<Result<_>>()?,
-        (Some(_), Some(i)) | (Some(i), None) => vec![i; timesteps.len()],
-    };
-    let batch = original_samples.shape().first().copied().unwrap_or(1);
-    let indices = match indices.len() {
-        n if n == batch => indices,
-        1 => vec![indices[0]; batch],
-        n => {
-            return Err(Error::Shape(format!(
-                "{n} timesteps for a batch of {batch} (give one per batch element, or one for all)"
-            )));
-        }
-    };
-    let mut alphas = Vec::with_capacity(batch);
-    let mut sigmas_t = Vec::with_capacity(batch);
-    for i in indices {
-        let sigma = *sigmas.get(i).ok_or_else(|| {
-            Error::InvalidArgument(format!("step index {i} is outside the schedule"))
-        })?;
-        let (a, s) = vp_alpha_sigma(sigma);
-        alphas.push(a);
-        sigmas_t.push(s);
-    }
-    Ok(original_samples
-        .scale_batch(&alphas)
-        .add(&noise.scale_batch(&sigmas_t)))
 }
 
 #[cfg(test)]
