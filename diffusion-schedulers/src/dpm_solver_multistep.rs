@@ -21,10 +21,10 @@ use serde::{Deserialize, Serialize};
 use serde_json::Value;
 
 use crate::common::{
-    FinalSigmasType, PredictionType, SigmaSpacing, TimestepSchedule, TimestepSpacing,
-    VpInferenceSigmas, check_custom_timesteps, check_steps, dynamic_threshold,
-    finite_terminal_alphas_cumprod, linspace, multistep_timesteps, np_round, sigma_to_t,
-    vp_alpha_sigma, vp_inference_sigmas,
+    FinalSigmasType, ModelOutputs, PredictionType, SigmaSpacing, StepIndex, TimestepSchedule,
+    TimestepSpacing, VpInferenceSigmas, check_custom_timesteps, check_steps, dynamic_threshold,
+    finite_terminal_alphas_cumprod, linspace, multistep_order, multistep_timesteps, np_round,
+    sigma_to_t, vp_add_noise_at, vp_alpha_sigma, vp_inference_sigmas, vp_pred_eps, vp_pred_x0,
 };
 use crate::schedule::{BetaSchedule, NoiseSchedule, check_same_shape};
 use crate::scheduler::{Scheduler, StepOutput};
@@ -218,7 +218,8 @@ pub(crate) fn deserialize_dpm_config<C: serde::de::DeserializeOwned>(
     map.deserialize(&format!("{class} config"))
 }
 
-/// The config keys both DPM-Solver samplers validate the same way.
+/// The config keys both DPM-Solver samplers share: validated the same way and read by the
+/// model-output conversion. [`dpm_common_keys!`] reads them off either config.
 pub(crate) struct DpmCommonKeys<'a> {
     pub class: &'a str,
     pub solver_order: usize,
@@ -235,72 +236,122 @@ pub(crate) struct DpmCommonKeys<'a> {
     pub thresholding: bool,
     pub dynamic_thresholding_ratio: f64,
     pub sample_max_value: f64,
+    pub prediction_type: PredictionType,
+    pub variance_type: Option<&'a str>,
 }
 
-/// Validates the keys both DPM-Solver samplers share, as diffusers' constructors do (plus
-/// range checks diffusers leaves to a crash later).
-pub(crate) fn validate_dpm_keys(k: &DpmCommonKeys<'_>) -> Result<()> {
-    let class = k.class;
-    if !(1..=3).contains(&k.solver_order) {
-        return Err(Error::config(
-            "solver_order",
-            format!("{class} supports orders 1 to 3, got {}", k.solver_order),
-        ));
+/// [`DpmCommonKeys`] of a DPM-Solver config: the multistep and singlestep configs name these
+/// keys alike.
+macro_rules! dpm_common_keys {
+    ($class:expr, $config:expr) => {{
+        let c = $config;
+        $crate::dpm_solver_multistep::DpmCommonKeys {
+            class: $class,
+            solver_order: c.solver_order,
+            beta_schedule: c.beta_schedule,
+            algorithm_type: c.algorithm_type,
+            final_sigmas_type: c.final_sigmas_type,
+            sigma_flags: [
+                c.use_karras_sigmas,
+                c.use_exponential_sigmas,
+                c.use_beta_sigmas,
+            ],
+            lambda_min_clipped: c.lambda_min_clipped,
+            use_flow_sigmas: c.use_flow_sigmas,
+            flow_shift: c.flow_shift,
+            use_dynamic_shifting: c.use_dynamic_shifting,
+            time_shift_type: &c.time_shift_type,
+            thresholding: c.thresholding,
+            dynamic_thresholding_ratio: c.dynamic_thresholding_ratio,
+            sample_max_value: c.sample_max_value,
+            prediction_type: c.prediction_type,
+            variance_type: c.variance_type.as_deref(),
+        }
+    }};
+}
+pub(crate) use dpm_common_keys;
+
+impl DpmCommonKeys<'_> {
+    /// Validates the keys as diffusers' constructors do (plus range checks diffusers leaves
+    /// to a crash later).
+    pub(crate) fn validate(&self) -> Result<()> {
+        let class = self.class;
+        if !(1..=3).contains(&self.solver_order) {
+            return Err(Error::config(
+                "solver_order",
+                format!("{class} supports orders 1 to 3, got {}", self.solver_order),
+            ));
+        }
+        if self.beta_schedule == BetaSchedule::Sigmoid {
+            return Err(Error::config(
+                "beta_schedule",
+                format!("sigmoid is not implemented for {class}"),
+            ));
+        }
+        let [karras, exponential, beta] = self.sigma_flags;
+        SigmaSpacing::from_flags(karras, exponential, beta)?;
+        if !self.algorithm_type.predicts_data() && self.final_sigmas_type == FinalSigmasType::Zero {
+            return Err(Error::config(
+                "final_sigmas_type",
+                format!(
+                    "\"zero\" is not supported with algorithm_type {}; use \"sigma_min\"",
+                    self.algorithm_type.as_str()
+                ),
+            ));
+        }
+        if self.lambda_min_clipped.is_nan() {
+            return Err(Error::config("lambda_min_clipped", "must not be NaN"));
+        }
+        if self.use_flow_sigmas {
+            return Err(Error::Unsupported(format!(
+                "{class}: use_flow_sigmas (flow matching) is not supported"
+            )));
+        }
+        if let Some(shift) = self.flow_shift
+            && shift != 1.0
+        {
+            return Err(Error::Unsupported(format!(
+                "{class}: flow_shift = {shift} (flow matching) is not supported; it must be 1"
+            )));
+        }
+        if self.use_dynamic_shifting {
+            return Err(Error::Unsupported(format!(
+                "{class}: use_dynamic_shifting (flow matching) is not supported"
+            )));
+        }
+        if self.time_shift_type != "exponential" {
+            return Err(Error::config(
+                "time_shift_type",
+                format!(
+                    "only \"exponential\" exists, got {:?}",
+                    self.time_shift_type
+                ),
+            ));
+        }
+        if self.thresholding
+            && !(self.dynamic_thresholding_ratio > 0.0
+                && self.dynamic_thresholding_ratio <= 1.0
+                && self.sample_max_value >= 1.0)
+        {
+            return Err(Error::config(
+                "dynamic_thresholding_ratio",
+                "thresholding needs a ratio in (0, 1] and sample_max_value >= 1",
+            ));
+        }
+        Ok(())
     }
-    if k.beta_schedule == BetaSchedule::Sigmoid {
-        return Err(Error::config(
-            "beta_schedule",
-            format!("sigmoid is not implemented for {class}"),
-        ));
+
+    /// How the sampler converts model outputs.
+    pub(crate) fn conversion(&self) -> ModelOutputConversion {
+        ModelOutputConversion {
+            algorithm_type: self.algorithm_type,
+            prediction_type: self.prediction_type,
+            learned_variance: matches!(self.variance_type, Some("learned" | "learned_range")),
+            thresholding: self.thresholding,
+            dynamic_thresholding_ratio: self.dynamic_thresholding_ratio,
+            sample_max_value: self.sample_max_value,
+        }
     }
-    let [karras, exponential, beta] = k.sigma_flags;
-    SigmaSpacing::from_flags(karras, exponential, beta)?;
-    if !k.algorithm_type.predicts_data() && k.final_sigmas_type == FinalSigmasType::Zero {
-        return Err(Error::config(
-            "final_sigmas_type",
-            format!(
-                "\"zero\" is not supported with algorithm_type {}; use \"sigma_min\"",
-                k.algorithm_type.as_str()
-            ),
-        ));
-    }
-    if k.lambda_min_clipped.is_nan() {
-        return Err(Error::config("lambda_min_clipped", "must not be NaN"));
-    }
-    if k.use_flow_sigmas {
-        return Err(Error::Unsupported(format!(
-            "{class}: use_flow_sigmas (flow matching) is not supported"
-        )));
-    }
-    if let Some(shift) = k.flow_shift
-        && shift != 1.0
-    {
-        return Err(Error::Unsupported(format!(
-            "{class}: flow_shift = {shift} (flow matching) is not supported; it must be 1"
-        )));
-    }
-    if k.use_dynamic_shifting {
-        return Err(Error::Unsupported(format!(
-            "{class}: use_dynamic_shifting (flow matching) is not supported"
-        )));
-    }
-    if k.time_shift_type != "exponential" {
-        return Err(Error::config(
-            "time_shift_type",
-            format!("only \"exponential\" exists, got {:?}", k.time_shift_type),
-        ));
-    }
-    if k.thresholding
-        && !(k.dynamic_thresholding_ratio > 0.0
-            && k.dynamic_thresholding_ratio <= 1.0
-            && k.sample_max_value >= 1.0)
-    {
-        return Err(Error::config(
-            "dynamic_thresholding_ratio",
-            "thresholding needs a ratio in (0, 1] and sample_max_value >= 1",
-        ));
-    }
-    Ok(())
 }
 
 /// One end of a solver step: the noise level and its `alpha_t`, `sigma_t` and half log-SNR
@@ -456,15 +507,13 @@ pub(crate) fn dpm_index_for_timestep(schedule: &[f64], timestep: f64) -> usize {
     }
 }
 
-/// diffusers' sigma-based `add_noise` of the DPM-Solver samplers:
-/// `x = alpha_t x0 + sigma_t noise` with `(alpha_t, sigma_t)` from the run's sigma at each
-/// timestep's index (looked up in `schedule`; or the current step index / `begin_index`
-/// when a begin index is set, as for inpainting and image-to-image).
+/// diffusers' sigma-based `add_noise` of the DPM-Solver samplers: [`vp_add_noise_at`] with
+/// each timestep's index looked up by [`dpm_index_for_timestep`] (or the current step index
+/// / `begin_index` when a begin index is set, as for inpainting and image-to-image).
 pub(crate) fn dpm_add_noise<T: SchedulerTensor>(
     sigmas: &[f64],
     schedule: &[f64],
-    begin_index: Option<usize>,
-    step_index: Option<usize>,
+    index: &StepIndex,
     original_samples: &T,
     noise: &T,
     timesteps: &[f64],
@@ -475,37 +524,40 @@ pub(crate) fn dpm_add_noise<T: SchedulerTensor>(
         ));
     }
     check_same_shape(original_samples, noise)?;
-    let indices: Vec<usize> = match (begin_index, step_index) {
-        (None, _) => timesteps
-            .iter()
-            .map(|&t| dpm_index_for_timestep(schedule, t))
-            .collect(),
-        (Some(_), Some(step)) => vec![step; timesteps.len()],
-        (Some(begin), None) => vec![begin; timesteps.len()],
-    };
-    let batch = original_samples.shape().first().copied().unwrap_or(1);
-    let indices = match indices.len() {
-        n if n == batch => indices,
-        1 => vec![indices[0]; batch],
-        n => {
-            return Err(Error::Shape(format!(
-                "{n} timesteps for a batch of {batch} (give one per batch element, or one for all)"
-            )));
+    let indices =
+        index.add_noise_indices_with(timesteps, |t| Ok(dpm_index_for_timestep(schedule, t)))?;
+    vp_add_noise_at(original_samples, noise, sigmas, indices)
+}
+
+/// The base timesteps of a DPM-Solver `set_timesteps` and the step count: `spaced(n)` for
+/// `n` steps; custom timesteps as diffusers takes them (refused when an option respaces
+/// the sigmas, as diffusers does); custom sigmas are not taken.
+pub(crate) fn dpm_base_timesteps(
+    class: &str,
+    schedule: TimestepSchedule,
+    options: DpmSigmaOptions,
+    num_train_timesteps: usize,
+    spaced: impl FnOnce(usize) -> Result<Vec<f64>>,
+) -> Result<(Vec<f64>, usize)> {
+    match schedule {
+        TimestepSchedule::Steps(n) => {
+            check_steps(n, num_train_timesteps)?;
+            Ok((spaced(n)?, n))
         }
-    };
-    let mut alphas = Vec::with_capacity(batch);
-    let mut stds = Vec::with_capacity(batch);
-    for &i in &indices {
-        let sigma = *sigmas.get(i).ok_or_else(|| {
-            Error::InvalidArgument(format!("step index {i} is past the end of the schedule"))
-        })?;
-        let (a, s) = vp_alpha_sigma(sigma);
-        alphas.push(a);
-        stds.push(s);
+        TimestepSchedule::Timesteps(ts) => {
+            if let Some(key) = options.respacing_key() {
+                return Err(Error::InvalidArgument(format!(
+                    "custom timesteps cannot be used with {key} = true"
+                )));
+            }
+            let ts = dpm_custom_timesteps(&ts, num_train_timesteps)?;
+            let n = ts.len();
+            Ok((ts, n))
+        }
+        TimestepSchedule::Sigmas(_) => Err(Error::Unsupported(format!(
+            "{class} takes a step count or custom timesteps, not custom sigmas"
+        ))),
     }
-    Ok(original_samples
-        .scale_batch(&alphas)
-        .add(&noise.scale_batch(&stds)))
 }
 
 /// Turns a raw model output into what a DPM-Solver integrates (diffusers'
@@ -523,11 +575,6 @@ pub(crate) struct ModelOutputConversion {
 }
 
 impl ModelOutputConversion {
-    /// Whether `variance_type` names a learned variance (the model output carries it).
-    pub(crate) fn is_learned(variance_type: Option<&str>) -> bool {
-        matches!(variance_type, Some("learned" | "learned_range"))
-    }
-
     /// Converts `model_output` at noise level `sigma` (of `sample`). Returns the converted
     /// output and the matching `x0` estimate.
     pub(crate) fn convert<T: SchedulerTensor>(
@@ -550,31 +597,17 @@ impl ModelOutputConversion {
         let threshold =
             |x0: T| dynamic_threshold(&x0, self.dynamic_thresholding_ratio, self.sample_max_value);
         if self.algorithm_type.predicts_data() {
-            let mut x0 = match self.prediction_type {
-                PredictionType::Epsilon => {
-                    T::lincomb(&[(1.0 / alpha_t, sample), (-sigma_t / alpha_t, &output)])
-                }
-                PredictionType::Sample => output,
-                PredictionType::VPrediction => {
-                    T::lincomb(&[(alpha_t, sample), (-sigma_t, &output)])
-                }
-            };
+            let mut x0 = vp_pred_x0(self.prediction_type, &output, sample, alpha_t, sigma_t);
             if self.thresholding {
                 x0 = threshold(x0);
             }
             Ok((x0.clone(), x0))
         } else {
-            let mut eps = match self.prediction_type {
-                PredictionType::Epsilon => output,
-                PredictionType::Sample => {
-                    T::lincomb(&[(1.0 / sigma_t, sample), (-alpha_t / sigma_t, &output)])
-                }
-                PredictionType::VPrediction => T::lincomb(&[(alpha_t, &output), (sigma_t, sample)]),
-            };
-            let mut x0 = T::lincomb(&[(1.0 / alpha_t, sample), (-sigma_t / alpha_t, &eps)]);
+            let mut eps = vp_pred_eps(self.prediction_type, &output, sample, alpha_t, sigma_t);
+            let mut x0 = vp_pred_x0(PredictionType::Epsilon, &eps, sample, alpha_t, sigma_t);
             if self.thresholding {
                 x0 = threshold(x0);
-                eps = T::lincomb(&[(1.0 / sigma_t, sample), (-alpha_t / sigma_t, &x0)]);
+                eps = vp_pred_eps(PredictionType::Sample, &x0, sample, alpha_t, sigma_t);
             }
             Ok((eps, x0))
         }
@@ -803,6 +836,8 @@ pub(crate) fn third_order_update<T: SchedulerTensor>(
 // The multistep sampler.
 // ---------------------------------------------------------------------------------------
 
+const CLASS: &str = "DPMSolverMultistepScheduler";
+
 /// DPM-Solver / DPM-Solver++ multistep sampler (diffusers' `DPMSolverMultistepScheduler`).
 ///
 /// Each step evaluates the model once and reuses the converted outputs of the previous
@@ -820,36 +855,16 @@ pub struct DpmSolverMultistepScheduler<T> {
     timesteps: Vec<f64>,
     sigmas: Vec<f64>,
     num_inference_steps: usize,
-    model_outputs: Vec<Option<T>>,
+    model_outputs: ModelOutputs<T>,
     lower_order_nums: usize,
-    step_index: Option<usize>,
-    begin_index: Option<usize>,
+    index: StepIndex,
 }
 
 impl<T: SchedulerTensor> DpmSolverMultistepScheduler<T> {
     /// Builds the sampler from its config, validating it.
     pub fn new(config: DpmSolverMultistepConfig) -> Result<Self> {
         let c = &config;
-        validate_dpm_keys(&DpmCommonKeys {
-            class: "DPMSolverMultistepScheduler",
-            solver_order: c.solver_order,
-            beta_schedule: c.beta_schedule,
-            algorithm_type: c.algorithm_type,
-            final_sigmas_type: c.final_sigmas_type,
-            sigma_flags: [
-                c.use_karras_sigmas,
-                c.use_exponential_sigmas,
-                c.use_beta_sigmas,
-            ],
-            lambda_min_clipped: c.lambda_min_clipped,
-            use_flow_sigmas: c.use_flow_sigmas,
-            flow_shift: c.flow_shift,
-            use_dynamic_shifting: c.use_dynamic_shifting,
-            time_shift_type: &c.time_shift_type,
-            thresholding: c.thresholding,
-            dynamic_thresholding_ratio: c.dynamic_thresholding_ratio,
-            sample_max_value: c.sample_max_value,
-        })?;
+        dpm_common_keys!(CLASS, c).validate()?;
         let schedule = NoiseSchedule::new(
             c.num_train_timesteps,
             c.beta_start,
@@ -868,24 +883,22 @@ impl<T: SchedulerTensor> DpmSolverMultistepScheduler<T> {
             )?,
             lu_lambdas: c.use_lu_lambdas,
         };
-        let solver_order = c.solver_order;
         Ok(Self {
+            model_outputs: ModelOutputs::new(c.solver_order),
             config,
             sigma_options,
             alphas_cumprod,
             timesteps: Vec::new(),
             sigmas: Vec::new(),
             num_inference_steps: 0,
-            model_outputs: vec![None; solver_order],
             lower_order_nums: 0,
-            step_index: None,
-            begin_index: None,
+            index: StepIndex::default(),
         })
     }
 
     /// Builds the sampler from a `scheduler_config.json` map (unknown keys ignored).
     pub fn from_config_map(map: &ConfigMap) -> Result<Self> {
-        Self::new(deserialize_dpm_config(map, "DPMSolverMultistepScheduler")?)
+        Self::new(deserialize_dpm_config(map, CLASS)?)
     }
 
     /// The config in use.
@@ -900,25 +913,13 @@ impl<T: SchedulerTensor> DpmSolverMultistepScheduler<T> {
 
     /// The index of the next step, once the run has started.
     pub fn step_index(&self) -> Option<usize> {
-        self.step_index
-    }
-
-    fn conversion(&self) -> ModelOutputConversion {
-        let c = &self.config;
-        ModelOutputConversion {
-            algorithm_type: c.algorithm_type,
-            prediction_type: c.prediction_type,
-            learned_variance: ModelOutputConversion::is_learned(c.variance_type.as_deref()),
-            thresholding: c.thresholding,
-            dynamic_thresholding_ratio: c.dynamic_thresholding_ratio,
-            sample_max_value: c.sample_max_value,
-        }
+        self.index.step
     }
 }
 
 impl<T: SchedulerTensor> Scheduler<T> for DpmSolverMultistepScheduler<T> {
     fn name(&self) -> &str {
-        "DPMSolverMultistepScheduler"
+        CLASS
     }
 
     fn num_train_timesteps(&self) -> usize {
@@ -929,31 +930,16 @@ impl<T: SchedulerTensor> Scheduler<T> for DpmSolverMultistepScheduler<T> {
         let c = &self.config;
         let n_train = c.num_train_timesteps;
         let options = self.sigma_options;
-        let (base, n) = match schedule {
-            TimestepSchedule::Steps(n) => {
-                check_steps(n, n_train)?;
-                let last = clipped_last_timestep(&self.alphas_cumprod, c.lambda_min_clipped)?;
-                let base =
-                    multistep_timesteps(c.timestep_spacing, n_train, last, n, c.steps_offset);
-                (base, n)
-            }
-            TimestepSchedule::Timesteps(ts) => {
-                if let Some(key) = options.respacing_key() {
-                    return Err(Error::InvalidArgument(format!(
-                        "custom timesteps cannot be used with {key} = true"
-                    )));
-                }
-                let ts = dpm_custom_timesteps(&ts, n_train)?;
-                let n = ts.len();
-                (ts, n)
-            }
-            TimestepSchedule::Sigmas(_) => {
-                return Err(Error::Unsupported(
-                    "DPMSolverMultistepScheduler takes a step count or custom timesteps, not custom sigmas"
-                        .into(),
-                ))
-            }
-        };
+        let (base, n) = dpm_base_timesteps(CLASS, schedule, options, n_train, |n| {
+            let last = clipped_last_timestep(&self.alphas_cumprod, c.lambda_min_clipped)?;
+            Ok(multistep_timesteps(
+                c.timestep_spacing,
+                n_train,
+                last,
+                n,
+                c.steps_offset,
+            ))
+        })?;
         let round = c.beta_schedule != BetaSchedule::SquaredcosCapV2;
         let (timesteps, sigmas) = dpm_sigma_table(
             &self.alphas_cumprod,
@@ -971,10 +957,9 @@ impl<T: SchedulerTensor> Scheduler<T> for DpmSolverMultistepScheduler<T> {
         self.num_inference_steps = timesteps.len();
         self.timesteps = timesteps;
         self.sigmas = sigmas;
-        self.model_outputs = vec![None; c.solver_order];
+        self.model_outputs = ModelOutputs::new(c.solver_order);
         self.lower_order_nums = 0;
-        self.step_index = None;
-        self.begin_index = None;
+        self.index.reset();
         Ok(())
     }
 
@@ -997,11 +982,9 @@ impl<T: SchedulerTensor> Scheduler<T> for DpmSolverMultistepScheduler<T> {
             return Err(Error::InvalidState("call set_timesteps before step".into()));
         }
         let n = self.timesteps.len();
-        let idx = match (self.step_index, self.begin_index) {
-            (Some(i), _) => i,
-            (None, Some(begin)) => begin,
-            (None, None) => dpm_index_for_timestep(&self.timesteps, timestep),
-        };
+        let idx = self
+            .index
+            .peek(timestep, |t| Ok(dpm_index_for_timestep(&self.timesteps, t)))?;
         if idx >= n {
             return Err(Error::InvalidState(format!(
                 "step {idx} is past the end of the {n}-step schedule; call set_timesteps again"
@@ -1014,21 +997,22 @@ impl<T: SchedulerTensor> Scheduler<T> for DpmSolverMultistepScheduler<T> {
                 || c.final_sigmas_type == FinalSigmasType::Zero);
         let lower_order_second = idx + 2 == n && c.lower_order_final && n < 15;
 
-        let (converted, x0) = self
-            .conversion()
-            .convert(model_output, sample, self.sigmas[idx])?;
+        let (converted, x0) = dpm_common_keys!(CLASS, c).conversion().convert(
+            model_output,
+            sample,
+            self.sigmas[idx],
+        )?;
         let z = if c.algorithm_type.is_sde() {
             Some(converted.noise_like(noise)?)
         } else {
             None
         };
-        let order = if c.solver_order == 1 || self.lower_order_nums < 1 || lower_order_final {
-            1
-        } else if c.solver_order == 2 || self.lower_order_nums < 2 || lower_order_second {
-            2
-        } else {
-            3
-        };
+        let order = multistep_order(
+            c.solver_order,
+            self.lower_order_nums,
+            lower_order_final,
+            lower_order_second,
+        );
         if idx + 1 < order {
             return Err(Error::InvalidState(format!(
                 "a order-{order} step at index {idx} needs {} earlier steps",
@@ -1042,29 +1026,23 @@ impl<T: SchedulerTensor> Scheduler<T> for DpmSolverMultistepScheduler<T> {
             ));
         }
 
-        self.model_outputs.rotate_left(1);
-        *self.model_outputs.last_mut().expect("solver_order >= 1") = Some(converted);
-        let k = self.model_outputs.len();
-        let m = |back: usize| -> Result<&T> {
-            self.model_outputs[k - 1 - back]
-                .as_ref()
-                .ok_or_else(|| Error::InvalidState("missing an earlier model output".into()))
-        };
+        self.model_outputs.push(converted);
+        let m = self.model_outputs.newest(order)?;
         let level = |i: usize| Level::new(self.sigmas[i]);
         let (t, s0) = (level(idx + 1), level(idx));
         let algorithm = c.algorithm_type;
         let prev_sample = match order {
-            1 => first_order_update(algorithm, t, s0, sample, m(0)?, z.as_ref())?,
+            1 => first_order_update(algorithm, t, s0, sample, m[0], z.as_ref())?,
             2 => {
                 let s1 = level(idx - 1);
-                let (m0, m1) = (m(0)?, m(1)?);
+                let (m0, m1) = (m[0], m[1]);
                 let r0 = (s0.lambda - s1.lambda) / (t.lambda - s0.lambda);
                 let d1 = T::lincomb(&[(1.0 / r0, m0), (-1.0 / r0, m1)]);
                 second_order_update(algorithm, c.solver_type, t, s0, sample, m0, &d1, z.as_ref())?
             }
             _ => {
                 let (s1, s2) = (level(idx - 1), level(idx - 2));
-                let (m0, m1, m2) = (m(0)?, m(1)?, m(2)?);
+                let (m0, m1, m2) = (m[0], m[1], m[2]);
                 let h = t.lambda - s0.lambda;
                 let r0 = (s0.lambda - s1.lambda) / h;
                 let r1 = (s1.lambda - s2.lambda) / h;
@@ -1079,7 +1057,7 @@ impl<T: SchedulerTensor> Scheduler<T> for DpmSolverMultistepScheduler<T> {
         if self.lower_order_nums < c.solver_order {
             self.lower_order_nums += 1;
         }
-        self.step_index = Some(idx + 1);
+        self.index.step = Some(idx + 1);
         Ok(StepOutput {
             prev_sample,
             pred_original_sample: Some(x0),
@@ -1090,8 +1068,7 @@ impl<T: SchedulerTensor> Scheduler<T> for DpmSolverMultistepScheduler<T> {
         dpm_add_noise(
             &self.sigmas,
             &self.timesteps,
-            self.begin_index,
-            self.step_index,
+            &self.index,
             original_samples,
             noise,
             timesteps,
@@ -1099,7 +1076,7 @@ impl<T: SchedulerTensor> Scheduler<T> for DpmSolverMultistepScheduler<T> {
     }
 
     fn set_begin_index(&mut self, begin_index: usize) {
-        self.begin_index = Some(begin_index);
+        self.index.begin = Some(begin_index);
     }
 }
 

@@ -14,14 +14,14 @@ use diffusion_core::{ConfigMap, Error, NoiseSource, Result, SchedulerTensor};
 use serde::Deserialize;
 
 use crate::common::{
-    FinalSigmasType, PredictionType, SigmaSpacing, TimestepSchedule, TimestepSpacing, check_steps,
-    finite_terminal_alphas_cumprod, multistep_timesteps,
+    FinalSigmasType, ModelOutputs, PredictionType, SigmaSpacing, StepIndex, TimestepSchedule,
+    TimestepSpacing, finite_terminal_alphas_cumprod, multistep_timesteps,
 };
 use crate::dpm_solver_multistep::{
-    AlgorithmType, DpmCommonKeys, DpmSigmaOptions, Level, ModelOutputConversion, SolverType,
-    clipped_last_timestep, deserialize_dpm_config, dpm_add_noise, dpm_custom_timesteps,
+    AlgorithmType, DpmSigmaOptions, Level, SolverType, clipped_last_timestep,
+    deserialize_dpm_config, dpm_add_noise, dpm_base_timesteps, dpm_common_keys,
     dpm_index_for_timestep, dpm_sigma_table, first_order_update, null_as_false,
-    second_order_update, third_order_update, validate_dpm_keys,
+    second_order_update, third_order_update,
 };
 use crate::schedule::{BetaSchedule, NoiseSchedule};
 use crate::scheduler::{Scheduler, StepOutput};
@@ -122,6 +122,8 @@ impl Default for DpmSolverSinglestepConfig {
     }
 }
 
+const CLASS: &str = "DPMSolverSinglestepScheduler";
+
 /// DPM-Solver / DPM-Solver++ singlestep sampler (diffusers' `DPMSolverSinglestepScheduler`).
 ///
 /// With the order list's group starting at `s` (sample `x_s`, output `m_s`):
@@ -144,10 +146,9 @@ pub struct DpmSolverSinglestepScheduler<T> {
     sigmas: Vec<f64>,
     num_inference_steps: usize,
     order_list: Vec<usize>,
-    model_outputs: Vec<Option<T>>,
+    model_outputs: ModelOutputs<T>,
     group_sample: Option<T>,
-    step_index: Option<usize>,
-    begin_index: Option<usize>,
+    index: StepIndex,
 }
 
 impl<T: SchedulerTensor> DpmSolverSinglestepScheduler<T> {
@@ -161,26 +162,7 @@ impl<T: SchedulerTensor> DpmSolverSinglestepScheduler<T> {
                  (use dpmsolver++, dpmsolver or sde-dpmsolver++)",
             ));
         }
-        validate_dpm_keys(&DpmCommonKeys {
-            class: "DPMSolverSinglestepScheduler",
-            solver_order: c.solver_order,
-            beta_schedule: c.beta_schedule,
-            algorithm_type: c.algorithm_type,
-            final_sigmas_type: c.final_sigmas_type,
-            sigma_flags: [
-                c.use_karras_sigmas,
-                c.use_exponential_sigmas,
-                c.use_beta_sigmas,
-            ],
-            lambda_min_clipped: c.lambda_min_clipped,
-            use_flow_sigmas: c.use_flow_sigmas,
-            flow_shift: c.flow_shift,
-            use_dynamic_shifting: c.use_dynamic_shifting,
-            time_shift_type: &c.time_shift_type,
-            thresholding: c.thresholding,
-            dynamic_thresholding_ratio: c.dynamic_thresholding_ratio,
-            sample_max_value: c.sample_max_value,
-        })?;
+        dpm_common_keys!(CLASS, c).validate()?;
         let schedule = NoiseSchedule::new(
             c.num_train_timesteps,
             c.beta_start,
@@ -190,24 +172,22 @@ impl<T: SchedulerTensor> DpmSolverSinglestepScheduler<T> {
             false,
         )?;
         let alphas_cumprod = finite_terminal_alphas_cumprod(schedule.alphas_cumprod, false);
-        let solver_order = c.solver_order;
         Ok(Self {
+            model_outputs: ModelOutputs::new(c.solver_order),
             config,
             alphas_cumprod,
             timesteps: Vec::new(),
             sigmas: Vec::new(),
             num_inference_steps: 0,
             order_list: Vec::new(),
-            model_outputs: vec![None; solver_order],
             group_sample: None,
-            step_index: None,
-            begin_index: None,
+            index: StepIndex::default(),
         })
     }
 
     /// Builds the sampler from a `scheduler_config.json` map (unknown keys ignored).
     pub fn from_config_map(map: &ConfigMap) -> Result<Self> {
-        Self::new(deserialize_dpm_config(map, "DPMSolverSinglestepScheduler")?)
+        Self::new(deserialize_dpm_config(map, CLASS)?)
     }
 
     /// The config in use (`lower_order_final` may have been switched on by `set_timesteps`,
@@ -228,19 +208,7 @@ impl<T: SchedulerTensor> DpmSolverSinglestepScheduler<T> {
 
     /// The index of the next step, once the run has started.
     pub fn step_index(&self) -> Option<usize> {
-        self.step_index
-    }
-
-    fn conversion(&self) -> ModelOutputConversion {
-        let c = &self.config;
-        ModelOutputConversion {
-            algorithm_type: c.algorithm_type,
-            prediction_type: c.prediction_type,
-            learned_variance: ModelOutputConversion::is_learned(c.variance_type.as_deref()),
-            thresholding: c.thresholding,
-            dynamic_thresholding_ratio: c.dynamic_thresholding_ratio,
-            sample_max_value: c.sample_max_value,
-        }
+        self.index.step
     }
 }
 
@@ -290,7 +258,7 @@ pub fn singlestep_order_list(
 
 impl<T: SchedulerTensor> Scheduler<T> for DpmSolverSinglestepScheduler<T> {
     fn name(&self) -> &str {
-        "DPMSolverSinglestepScheduler"
+        CLASS
     }
 
     fn num_train_timesteps(&self) -> usize {
@@ -308,30 +276,16 @@ impl<T: SchedulerTensor> Scheduler<T> for DpmSolverSinglestepScheduler<T> {
             )?,
             lu_lambdas: false,
         };
-        let (base, n) = match schedule {
-            TimestepSchedule::Steps(n) => {
-                check_steps(n, n_train)?;
-                let last = clipped_last_timestep(&self.alphas_cumprod, c.lambda_min_clipped)?;
-                let base = multistep_timesteps(TimestepSpacing::Linspace, n_train, last, n, 0);
-                (base, n)
-            }
-            TimestepSchedule::Timesteps(ts) => {
-                if let Some(key) = options.respacing_key() {
-                    return Err(Error::InvalidArgument(format!(
-                        "custom timesteps cannot be used with {key} = true"
-                    )));
-                }
-                let ts = dpm_custom_timesteps(&ts, n_train)?;
-                let n = ts.len();
-                (ts, n)
-            }
-            TimestepSchedule::Sigmas(_) => {
-                return Err(Error::Unsupported(
-                    "DPMSolverSinglestepScheduler takes a step count or custom timesteps, not custom sigmas"
-                        .into(),
-                ))
-            }
-        };
+        let (base, n) = dpm_base_timesteps(CLASS, schedule, options, n_train, |n| {
+            let last = clipped_last_timestep(&self.alphas_cumprod, c.lambda_min_clipped)?;
+            Ok(multistep_timesteps(
+                TimestepSpacing::Linspace,
+                n_train,
+                last,
+                n,
+                0,
+            ))
+        })?;
         // Karras timesteps are always rounded here (unlike the multistep sampler).
         let (timesteps, sigmas) = dpm_sigma_table(
             &self.alphas_cumprod,
@@ -354,10 +308,9 @@ impl<T: SchedulerTensor> Scheduler<T> for DpmSolverSinglestepScheduler<T> {
         self.num_inference_steps = n;
         self.timesteps = timesteps;
         self.sigmas = sigmas;
-        self.model_outputs = vec![None; c.solver_order];
+        self.model_outputs = ModelOutputs::new(c.solver_order);
         self.group_sample = None;
-        self.step_index = None;
-        self.begin_index = None;
+        self.index.reset();
         Ok(())
     }
 
@@ -380,32 +333,32 @@ impl<T: SchedulerTensor> Scheduler<T> for DpmSolverSinglestepScheduler<T> {
             return Err(Error::InvalidState("call set_timesteps before step".into()));
         }
         let n = self.timesteps.len();
-        let idx = match (self.step_index, self.begin_index) {
-            (Some(i), _) => i,
-            (None, Some(begin)) => begin,
-            (None, None) => dpm_index_for_timestep(&self.timesteps, timestep),
-        };
+        let idx = self
+            .index
+            .peek(timestep, |t| Ok(dpm_index_for_timestep(&self.timesteps, t)))?;
         if idx >= n || idx >= self.order_list.len() {
             return Err(Error::InvalidState(format!(
                 "step {idx} is past the end of the {n}-step schedule; call set_timesteps again"
             )));
         }
         let c = &self.config;
-        let (converted, x0) = self
-            .conversion()
-            .convert(model_output, sample, self.sigmas[idx])?;
+        let (converted, x0) = dpm_common_keys!(CLASS, c).conversion().convert(
+            model_output,
+            sample,
+            self.sigmas[idx],
+        )?;
         let z = if c.algorithm_type.is_sde() {
             Some(converted.noise_like(noise)?)
         } else {
             None
         };
 
-        self.model_outputs.rotate_left(1);
-        *self.model_outputs.last_mut().expect("solver_order >= 1") = Some(converted);
-        let k = self.model_outputs.len();
+        self.model_outputs.push(converted);
         // A run started mid-group (image-to-image) lacks the group's earlier outputs.
-        let mut order = self.order_list[idx].min(k).min(idx + 1);
-        while order > 1 && self.model_outputs[k - order].is_none() {
+        let mut order = self.order_list[idx]
+            .min(self.model_outputs.capacity())
+            .min(idx + 1);
+        while order > 1 && !self.model_outputs.has(order - 1) {
             order -= 1;
         }
         if order == 1 {
@@ -415,19 +368,15 @@ impl<T: SchedulerTensor> Scheduler<T> for DpmSolverSinglestepScheduler<T> {
             .group_sample
             .as_ref()
             .ok_or_else(|| Error::InvalidState("missing the solver group's first sample".into()))?;
-        let m = |back: usize| -> Result<&T> {
-            self.model_outputs[k - 1 - back]
-                .as_ref()
-                .ok_or_else(|| Error::InvalidState("missing an earlier model output".into()))
-        };
+        let m = self.model_outputs.newest(order)?;
         let level = |i: usize| Level::new(self.sigmas[i]);
         let t = level(idx + 1);
         let algorithm = c.algorithm_type;
         let prev_sample = match order {
-            1 => first_order_update(algorithm, t, level(idx), group_sample, m(0)?, z.as_ref())?,
+            1 => first_order_update(algorithm, t, level(idx), group_sample, m[0], z.as_ref())?,
             2 => {
                 let (s0, s1) = (level(idx), level(idx - 1));
-                let (m0, m1) = (m(0)?, m(1)?);
+                let (m0, m1) = (m[0], m[1]);
                 let r0 = (s0.lambda - s1.lambda) / (t.lambda - s1.lambda);
                 let d1 = T::lincomb(&[(1.0 / r0, m0), (-1.0 / r0, m1)]);
                 second_order_update(
@@ -443,7 +392,7 @@ impl<T: SchedulerTensor> Scheduler<T> for DpmSolverSinglestepScheduler<T> {
             }
             _ => {
                 let (s0, s1, s2) = (level(idx), level(idx - 1), level(idx - 2));
-                let (m0, m1, m2) = (m(0)?, m(1)?, m(2)?);
+                let (m0, m1, m2) = (m[0], m[1], m[2]);
                 let h = t.lambda - s2.lambda;
                 let r0 = (s0.lambda - s2.lambda) / h;
                 let r1 = (s1.lambda - s2.lambda) / h;
@@ -477,7 +426,7 @@ impl<T: SchedulerTensor> Scheduler<T> for DpmSolverSinglestepScheduler<T> {
                 }
             }
         };
-        self.step_index = Some(idx + 1);
+        self.index.step = Some(idx + 1);
         Ok(StepOutput {
             prev_sample,
             pred_original_sample: Some(x0),
@@ -488,8 +437,7 @@ impl<T: SchedulerTensor> Scheduler<T> for DpmSolverSinglestepScheduler<T> {
         dpm_add_noise(
             &self.sigmas,
             &self.timesteps,
-            self.begin_index,
-            self.step_index,
+            &self.index,
             original_samples,
             noise,
             timesteps,
@@ -497,7 +445,7 @@ impl<T: SchedulerTensor> Scheduler<T> for DpmSolverSinglestepScheduler<T> {
     }
 
     fn set_begin_index(&mut self, begin_index: usize) {
-        self.begin_index = Some(begin_index);
+        self.index.begin = Some(begin_index);
     }
 }
 
