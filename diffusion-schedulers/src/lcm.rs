@@ -6,8 +6,8 @@ use diffusion_core::{ConfigMap, Error, NoiseSource, Result, SchedulerTensor};
 use serde::Deserialize;
 
 use crate::common::{
-    PredictionType, TimestepSchedule, TimestepSpacing, check_integer_timesteps, dynamic_threshold,
-    index_for_timestep,
+    PredictionType, StepIndex, TimestepSchedule, TimestepSpacing, check_integer_timesteps,
+    check_steps, dynamic_threshold, index_for_timestep, vp_pred_x0,
 };
 use crate::schedule::{BetaSchedule, NoiseSchedule, check_not_sigmoid, check_same_shape};
 use crate::scheduler::{Scheduler, StepOutput};
@@ -82,119 +82,28 @@ impl Default for LcmConfig {
     }
 }
 
-/// The inference timesteps of LCM and TCD (diffusers' `set_timesteps` of both).
-///
-/// `origin` is the distillation schedule in increasing order; `limit` is the largest
-/// accepted step count (`original_inference_steps`). Custom timesteps are cut by
-/// `strength` from the front; a step count picks evenly spaced entries (`floor(i * L / n)`)
-/// of the reversed origin schedule. Returns the timesteps and the value diffusers stores as
-/// `num_inference_steps` (the length before any `strength` cut).
-pub(crate) fn consistency_timesteps(
-    schedule: TimestepSchedule,
-    origin: &[f64],
-    limit: usize,
-    strength: f64,
-    num_train_timesteps: usize,
-    class: &str,
-) -> Result<(Vec<f64>, usize)> {
-    let (timesteps, num_inference_steps) = match schedule {
-        TimestepSchedule::Timesteps(timesteps) => {
-            check_integer_timesteps(&timesteps, num_train_timesteps)?;
-            let n = timesteps.len();
-            let init = ((n as f64 * strength) as usize).min(n);
-            let t_start = n - init;
-            (timesteps[t_start..].to_vec(), n)
-        }
-        TimestepSchedule::Steps(n) => {
-            if n == 0 {
-                return Err(Error::InvalidArgument(
-                    "num_inference_steps must be at least 1".into(),
-                ));
-            }
-            if n > num_train_timesteps {
-                return Err(Error::InvalidArgument(format!(
-                    "num_inference_steps ({n}) cannot exceed num_train_timesteps ({num_train_timesteps})"
-                )));
-            }
-            if origin.len() / n < 1 {
-                return Err(Error::InvalidArgument(format!(
-                    "the distillation schedule scaled by strength {strength} has {} timesteps, fewer than num_inference_steps ({n})",
-                    origin.len()
-                )));
-            }
-            if n > limit {
-                return Err(Error::InvalidArgument(format!(
-                    "num_inference_steps ({n}) cannot exceed original_inference_steps ({limit})"
-                )));
-            }
-            let len = origin.len();
-            let step = len as f64 / n as f64;
-            let timesteps = (0..n)
-                .map(|i| origin[len - 1 - (i as f64 * step).floor() as usize])
-                .collect();
-            (timesteps, n)
-        }
-        TimestepSchedule::Sigmas(_) => {
-            return Err(Error::Unsupported(format!(
-                "{class} takes a step count or custom timesteps, not sigmas"
-            )));
-        }
-    };
-    if timesteps.is_empty() {
-        return Err(Error::InvalidArgument(format!(
-            "strength {strength} leaves no timesteps to run"
-        )));
-    }
-    if let Some(t) = timesteps
-        .iter()
-        .find(|&&t| !(t >= 0.0 && t < num_train_timesteps as f64))
-    {
-        return Err(Error::InvalidArgument(format!(
-            "strength {strength} puts timestep {t} outside the {num_train_timesteps} training timesteps"
-        )));
-    }
-    Ok((timesteps, num_inference_steps))
-}
+// ---------------------------------------------------------------------------------------
+// Shared with TCD (tcd.rs), which takes the same config and timesteps.
+// ---------------------------------------------------------------------------------------
 
-/// Checks a `strength` argument (the fraction of the schedule an image-to-image run keeps).
-pub(crate) fn check_strength(strength: f64) -> Result<()> {
-    if !(strength.is_finite() && strength > 0.0) {
-        return Err(Error::InvalidArgument(format!(
-            "strength must be a positive number, got {strength}"
-        )));
-    }
-    Ok(())
-}
-
-/// The LCM sampler.
-///
-/// Each step forms the consistency function `f(x_t, t) = c_skip(t) x_t + c_out(t) x0(x_t)`
-/// with the boundary-condition scalings of Consistency Models (Song et al. 2023, §3 and
-/// Appendix C; `sigma_data = 0.5`, timestep scaled by `timestep_scaling`):
-/// `c_skip = sigma_data^2 / ((s t)^2 + sigma_data^2)`, `c_out = s t / sqrt((s t)^2 + sigma_data^2)`,
-/// then re-noises the result to the next timestep, `x_{t'} = sqrt(abar_{t'}) f + sqrt(1 -
-/// abar_{t'}) z`, as in multistep consistency sampling (Song et al. 2023, Algorithm 1).
-/// The final step returns `f` itself.
+/// The run state LCM and TCD share: the training schedule, the inference timesteps and the
+/// position in them.
 #[derive(Debug, Clone)]
-pub struct LcmScheduler {
-    config: LcmConfig,
-    schedule: NoiseSchedule,
-    final_alpha_cumprod: f64,
-    timesteps: Vec<f64>,
-    num_inference_steps: Option<usize>,
-    custom_timesteps: bool,
-    step_index: Option<usize>,
-    begin_index: Option<usize>,
+pub(crate) struct ConsistencyRun {
+    pub schedule: NoiseSchedule,
+    pub final_alpha_cumprod: f64,
+    pub timesteps: Vec<f64>,
+    /// What diffusers stores as `num_inference_steps` (`None` before `set_timesteps`).
+    pub num_inference_steps: Option<usize>,
+    pub custom_timesteps: bool,
+    pub index: StepIndex,
 }
 
-impl LcmScheduler {
-    /// Builds the sampler from its config, validating it.
-    pub fn new(config: LcmConfig) -> Result<Self> {
-        check_not_sigmoid(
-            "LCMScheduler",
-            config.beta_schedule,
-            config.trained_betas.as_deref(),
-        )?;
+impl ConsistencyRun {
+    /// Validates the schedule keys of `config` and builds the training schedule; like
+    /// diffusers, the run starts with every training timestep.
+    pub fn new(class: &str, config: &LcmConfig) -> Result<Self> {
+        check_not_sigmoid(class, config.beta_schedule, config.trained_betas.as_deref())?;
         let schedule = NoiseSchedule::new(
             config.num_train_timesteps,
             config.beta_start,
@@ -209,19 +118,155 @@ impl LcmScheduler {
                 "must be at least 1",
             ));
         }
-        let final_alpha_cumprod = schedule.final_alpha_cumprod(config.set_alpha_to_one);
         Ok(Self {
+            final_alpha_cumprod: schedule.final_alpha_cumprod(config.set_alpha_to_one),
+            schedule,
             timesteps: (0..config.num_train_timesteps)
                 .rev()
                 .map(|t| t as f64)
                 .collect(),
-            config,
-            schedule,
-            final_alpha_cumprod,
             num_inference_steps: None,
             custom_timesteps: false,
-            step_index: None,
-            begin_index: None,
+            index: StepIndex::default(),
+        })
+    }
+
+    /// Sets the inference timesteps (diffusers' `set_timesteps` of both samplers).
+    ///
+    /// `origin` is the distillation schedule in increasing order; `limit` is the largest
+    /// accepted step count (`original_inference_steps`). Custom timesteps are cut by
+    /// `strength` from the front; a step count picks evenly spaced entries
+    /// (`floor(i * L / n)`) of the reversed origin schedule. `num_inference_steps` becomes
+    /// the length before any `strength` cut, as in diffusers.
+    pub fn set_timesteps(
+        &mut self,
+        class: &str,
+        schedule: TimestepSchedule,
+        origin: &[f64],
+        limit: usize,
+        strength: f64,
+    ) -> Result<()> {
+        let num_train_timesteps = self.schedule.len();
+        let custom = matches!(schedule, TimestepSchedule::Timesteps(_));
+        let (timesteps, num_inference_steps) = match schedule {
+            TimestepSchedule::Timesteps(timesteps) => {
+                check_integer_timesteps(&timesteps, num_train_timesteps)?;
+                let n = timesteps.len();
+                let init = ((n as f64 * strength) as usize).min(n);
+                let t_start = n - init;
+                (timesteps[t_start..].to_vec(), n)
+            }
+            TimestepSchedule::Steps(n) => {
+                check_steps(n, num_train_timesteps)?;
+                if origin.len() / n < 1 {
+                    return Err(Error::InvalidArgument(format!(
+                        "the distillation schedule scaled by strength {strength} has {} timesteps, fewer than num_inference_steps ({n})",
+                        origin.len()
+                    )));
+                }
+                if n > limit {
+                    return Err(Error::InvalidArgument(format!(
+                        "num_inference_steps ({n}) cannot exceed original_inference_steps ({limit})"
+                    )));
+                }
+                let len = origin.len();
+                let step = len as f64 / n as f64;
+                let timesteps = (0..n)
+                    .map(|i| origin[len - 1 - (i as f64 * step).floor() as usize])
+                    .collect();
+                (timesteps, n)
+            }
+            TimestepSchedule::Sigmas(_) => {
+                return Err(Error::Unsupported(format!(
+                    "{class} takes a step count or custom timesteps, not sigmas"
+                )));
+            }
+        };
+        if timesteps.is_empty() {
+            return Err(Error::InvalidArgument(format!(
+                "strength {strength} leaves no timesteps to run"
+            )));
+        }
+        if let Some(t) = timesteps
+            .iter()
+            .find(|&&t| !(t >= 0.0 && t < num_train_timesteps as f64))
+        {
+            return Err(Error::InvalidArgument(format!(
+                "strength {strength} puts timestep {t} outside the {num_train_timesteps} training timesteps"
+            )));
+        }
+        self.timesteps = timesteps;
+        self.num_inference_steps = Some(num_inference_steps);
+        self.custom_timesteps = custom;
+        self.index.reset();
+        Ok(())
+    }
+
+    /// `num_inference_steps`, or an error before `set_timesteps`.
+    pub fn num_inference_steps(&self) -> Result<usize> {
+        self.num_inference_steps
+            .ok_or_else(|| Error::InvalidState("call set_timesteps before step".into()))
+    }
+
+    /// The index of the step at `timestep` (the begin index, else its position in the
+    /// schedule, until the run has started).
+    pub fn step_index(&self, timestep: f64) -> Result<usize> {
+        self.index
+            .peek(timestep, |t| index_for_timestep(&self.timesteps, t))
+    }
+
+    /// `alpha_bar` at timestep `t`, or `final_alpha_cumprod` for `t < 0`.
+    pub fn alpha_bar_or_final(&self, t: f64) -> Result<f64> {
+        self.schedule.alpha_bar_or(t, self.final_alpha_cumprod)
+    }
+}
+
+/// The distillation schedule of LCM (and of TCD without an `original_inference_steps`
+/// argument): `k - 1, 2k - 1, ..., floor(S * strength) k - 1` with
+/// `S = original_inference_steps` and `k = num_train_timesteps // S` (LCM's skipping step).
+pub(crate) fn distillation_timesteps(
+    num_train_timesteps: usize,
+    original_inference_steps: usize,
+    strength: f64,
+) -> Vec<f64> {
+    let k = num_train_timesteps / original_inference_steps;
+    let count = (original_inference_steps as f64 * strength) as usize;
+    (1..=count).map(|i| (i * k) as f64 - 1.0).collect()
+}
+
+/// Checks a `strength` argument (the fraction of the schedule an image-to-image run keeps).
+pub(crate) fn check_strength(strength: f64) -> Result<()> {
+    if !(strength.is_finite() && strength > 0.0) {
+        return Err(Error::InvalidArgument(format!(
+            "strength must be a positive number, got {strength}"
+        )));
+    }
+    Ok(())
+}
+
+const CLASS: &str = "LCMScheduler";
+
+/// The LCM sampler.
+///
+/// Each step forms the consistency function `f(x_t, t) = c_skip(t) x_t + c_out(t) x0(x_t)`
+/// with the boundary-condition scalings of Consistency Models (Song et al. 2023, §3 and
+/// Appendix C; `sigma_data = 0.5`, timestep scaled by `timestep_scaling`):
+/// `c_skip = sigma_data^2 / ((s t)^2 + sigma_data^2)`, `c_out = s t / sqrt((s t)^2 + sigma_data^2)`,
+/// then re-noises the result to the next timestep, `x_{t'} = sqrt(abar_{t'}) f + sqrt(1 -
+/// abar_{t'}) z`, as in multistep consistency sampling (Song et al. 2023, Algorithm 1).
+/// The final step returns `f` itself.
+#[derive(Debug, Clone)]
+pub struct LcmScheduler {
+    config: LcmConfig,
+    run: ConsistencyRun,
+}
+
+impl LcmScheduler {
+    /// Builds the sampler from its config, validating it.
+    pub fn new(config: LcmConfig) -> Result<Self> {
+        Ok(Self {
+            run: ConsistencyRun::new(CLASS, &config)?,
+            config,
         })
     }
 
@@ -237,17 +282,17 @@ impl LcmScheduler {
 
     /// The training noise schedule.
     pub fn schedule(&self) -> &NoiseSchedule {
-        &self.schedule
+        &self.run.schedule
     }
 
     /// Whether the current timesteps were given explicitly.
     pub fn custom_timesteps(&self) -> bool {
-        self.custom_timesteps
+        self.run.custom_timesteps
     }
 
     /// The index of the next step, once the first step has run.
     pub fn step_index(&self) -> Option<usize> {
-        self.step_index
+        self.run.index.step
     }
 
     /// The v-prediction training target at `timesteps` (Salimans & Ho 2022, §4).
@@ -257,7 +302,7 @@ impl LcmScheduler {
         noise: &T,
         timesteps: &[f64],
     ) -> Result<T> {
-        self.schedule.get_velocity(sample, noise, timesteps)
+        self.run.schedule.get_velocity(sample, noise, timesteps)
     }
 
     /// `set_timesteps(n)` of an image-to-image run: the distillation schedule is shortened
@@ -273,9 +318,8 @@ impl LcmScheduler {
     /// diffusers' full `set_timesteps(num_inference_steps | timesteps,
     /// original_inference_steps, strength)`.
     ///
-    /// The distillation schedule is `k - 1, 2k - 1, ..., floor(S * strength) k - 1` with
-    /// `S = original_inference_steps` (the argument, else the config's) and
-    /// `k = num_train_timesteps // S` (LCM's skipping step).
+    /// The distillation schedule is [`distillation_timesteps`] of `original_inference_steps`
+    /// (the argument, else the config's).
     pub fn set_timesteps_with(
         &mut self,
         schedule: TimestepSchedule,
@@ -291,24 +335,9 @@ impl LcmScheduler {
                 "original_inference_steps ({original_steps}) must lie in [1, {n_train}]"
             )));
         }
-        let k = n_train / original_steps;
-        let count = (original_steps as f64 * strength) as usize;
-        let origin: Vec<f64> = (1..=count).map(|i| (i * k) as f64 - 1.0).collect();
-        let custom = matches!(schedule, TimestepSchedule::Timesteps(_));
-        let (timesteps, n) = consistency_timesteps(
-            schedule,
-            &origin,
-            original_steps,
-            strength,
-            n_train,
-            "LCMScheduler",
-        )?;
-        self.timesteps = timesteps;
-        self.num_inference_steps = Some(n);
-        self.custom_timesteps = custom;
-        self.step_index = None;
-        self.begin_index = None;
-        Ok(())
+        let origin = distillation_timesteps(n_train, original_steps, strength);
+        self.run
+            .set_timesteps(CLASS, schedule, &origin, original_steps, strength)
     }
 
     /// The boundary-condition scalings `(c_skip, c_out)` at timestep `t`.
@@ -322,7 +351,7 @@ impl LcmScheduler {
 
 impl<T: SchedulerTensor> Scheduler<T> for LcmScheduler {
     fn name(&self) -> &str {
-        "LCMScheduler"
+        CLASS
     }
 
     fn num_train_timesteps(&self) -> usize {
@@ -334,7 +363,7 @@ impl<T: SchedulerTensor> Scheduler<T> for LcmScheduler {
     }
 
     fn timesteps(&self) -> &[f64] {
-        &self.timesteps
+        &self.run.timesteps
     }
 
     fn step(
@@ -344,37 +373,25 @@ impl<T: SchedulerTensor> Scheduler<T> for LcmScheduler {
         sample: &T,
         noise: &mut dyn NoiseSource,
     ) -> Result<StepOutput<T>> {
-        let num_inference_steps = self
-            .num_inference_steps
-            .ok_or_else(|| Error::InvalidState("call set_timesteps before step".into()))?;
+        let num_inference_steps = self.run.num_inference_steps()?;
         check_same_shape(model_output, sample)?;
-        let step_index = match self.step_index {
-            Some(i) => i,
-            None => self
-                .begin_index
-                .map_or_else(|| index_for_timestep(&self.timesteps, timestep), Ok)?,
-        };
+        let step_index = self.run.step_index(timestep)?;
         let c = &self.config;
         // 1. the next timestep (the current one again after the last)
         let prev_timestep = self
+            .run
             .timesteps
             .get(step_index + 1)
             .copied()
             .unwrap_or(timestep);
         // 2. alphas and betas
-        let alpha_prod_t = self.schedule.alpha_bar(timestep)?;
-        let alpha_prod_t_prev = self
-            .schedule
-            .alpha_bar_or(prev_timestep, self.final_alpha_cumprod)?;
+        let alpha_prod_t = self.run.schedule.alpha_bar(timestep)?;
+        let alpha_prod_t_prev = self.run.alpha_bar_or_final(prev_timestep)?;
         let (a, s) = (alpha_prod_t.sqrt(), (1.0 - alpha_prod_t).sqrt());
         // 3. boundary-condition scalings
         let (c_skip, c_out) = self.scalings_for_boundary_condition(timestep.round());
         // 4. predicted x0
-        let mut pred_x0 = match c.prediction_type {
-            PredictionType::Epsilon => T::lincomb(&[(1.0 / a, sample), (-s / a, model_output)]),
-            PredictionType::Sample => model_output.clone(),
-            PredictionType::VPrediction => T::lincomb(&[(a, sample), (-s, model_output)]),
-        };
+        let mut pred_x0 = vp_pred_x0(c.prediction_type, model_output, sample, a, s);
         // 5. clip or threshold x0
         if c.thresholding {
             pred_x0 = dynamic_threshold(&pred_x0, c.dynamic_thresholding_ratio, c.sample_max_value);
@@ -393,7 +410,7 @@ impl<T: SchedulerTensor> Scheduler<T> for LcmScheduler {
         } else {
             denoised.clone()
         };
-        self.step_index = Some(step_index + 1);
+        self.run.index.step = Some(step_index + 1);
         Ok(StepOutput {
             prev_sample,
             pred_original_sample: Some(denoised),
@@ -401,11 +418,13 @@ impl<T: SchedulerTensor> Scheduler<T> for LcmScheduler {
     }
 
     fn add_noise(&self, original_samples: &T, noise: &T, timesteps: &[f64]) -> Result<T> {
-        self.schedule.add_noise(original_samples, noise, timesteps)
+        self.run
+            .schedule
+            .add_noise(original_samples, noise, timesteps)
     }
 
     fn set_begin_index(&mut self, begin_index: usize) {
-        self.begin_index = Some(begin_index);
+        self.run.index.begin = Some(begin_index);
     }
 }
 

@@ -1,90 +1,26 @@
 //! TCD: Trajectory Consistency Distillation (Zheng, Chen, Wang, Zhang & Zhao 2024), as
 //! diffusers' `TCDScheduler`: strategic stochastic sampling with stochasticity `gamma`.
 
-use diffusion_core::config::lenient_f64;
 use diffusion_core::{ConfigMap, Error, NoiseSource, Result, SchedulerTensor};
-use serde::Deserialize;
 
-use crate::common::{PredictionType, TimestepSchedule, TimestepSpacing, index_for_timestep};
-use crate::lcm::{check_strength, consistency_timesteps};
-use crate::schedule::{BetaSchedule, NoiseSchedule, check_not_sigmoid, check_same_shape};
+use crate::common::{TimestepSchedule, vp_pred_eps, vp_pred_x0};
+use crate::lcm::{ConsistencyRun, check_strength, distillation_timesteps};
+use crate::schedule::{NoiseSchedule, check_same_shape};
 use crate::scheduler::{Scheduler, StepOutput};
 
-/// The keys of a `TCDScheduler` `scheduler_config.json`, with diffusers' defaults.
+/// The keys of a `TCDScheduler` `scheduler_config.json`: the same keys and defaults as
+/// `LCMScheduler`'s.
 ///
-/// diffusers' TCD accepts the LCM keys, but its `step` uses neither `clip_sample`,
-/// `thresholding` nor `timestep_scaling`; they are kept here for compatibility only.
-#[derive(Debug, Clone, PartialEq, Deserialize)]
-#[serde(default)]
-pub struct TcdConfig {
-    /// Training timesteps.
-    pub num_train_timesteps: usize,
-    /// First beta.
-    #[serde(deserialize_with = "lenient_f64")]
-    pub beta_start: f64,
-    /// Last beta.
-    #[serde(deserialize_with = "lenient_f64")]
-    pub beta_end: f64,
-    /// Beta schedule (`sigmoid` is not accepted by diffusers' TCD).
-    pub beta_schedule: BetaSchedule,
-    /// Explicit betas, overriding the schedule.
-    pub trained_betas: Option<Vec<f64>>,
-    /// Length of the distillation schedule the inference timesteps are taken from.
-    pub original_inference_steps: usize,
-    /// Accepted for compatibility; TCD's step does not clip.
-    pub clip_sample: bool,
-    /// Accepted for compatibility.
-    #[serde(deserialize_with = "lenient_f64")]
-    pub clip_sample_range: f64,
-    /// Use `alpha_bar = 1` after the last step (otherwise `alphas_cumprod[0]`).
-    pub set_alpha_to_one: bool,
-    /// Accepted for compatibility; TCD's timesteps do not use it.
-    pub steps_offset: usize,
-    /// What the model predicts.
-    pub prediction_type: PredictionType,
-    /// Accepted for compatibility; TCD's step does not threshold.
-    pub thresholding: bool,
-    /// Accepted for compatibility.
-    #[serde(deserialize_with = "lenient_f64")]
-    pub dynamic_thresholding_ratio: f64,
-    /// Accepted for compatibility.
-    #[serde(deserialize_with = "lenient_f64")]
-    pub sample_max_value: f64,
-    /// Accepted for compatibility; TCD's timesteps do not use it.
-    pub timestep_spacing: TimestepSpacing,
-    /// Accepted for compatibility; TCD's step applies no boundary-condition scalings.
-    #[serde(deserialize_with = "lenient_f64")]
-    pub timestep_scaling: f64,
-    /// Rescale betas to zero terminal SNR.
-    pub rescale_betas_zero_snr: bool,
-}
-
-impl Default for TcdConfig {
-    fn default() -> Self {
-        Self {
-            num_train_timesteps: 1000,
-            beta_start: 0.00085,
-            beta_end: 0.012,
-            beta_schedule: BetaSchedule::ScaledLinear,
-            trained_betas: None,
-            original_inference_steps: 50,
-            clip_sample: false,
-            clip_sample_range: 1.0,
-            set_alpha_to_one: true,
-            steps_offset: 0,
-            prediction_type: PredictionType::Epsilon,
-            thresholding: false,
-            dynamic_thresholding_ratio: 0.995,
-            sample_max_value: 1.0,
-            timestep_spacing: TimestepSpacing::Leading,
-            timestep_scaling: 10.0,
-            rescale_betas_zero_snr: false,
-        }
-    }
-}
+/// TCD's step uses neither `clip_sample` / `clip_sample_range`, `thresholding` /
+/// `dynamic_thresholding_ratio` / `sample_max_value` nor `timestep_scaling` (it applies no
+/// boundary-condition scalings); diffusers accepts them for compatibility, and so does this
+/// crate.
+pub type TcdConfig = crate::lcm::LcmConfig;
 
 /// The default stochasticity `gamma` (diffusers' `step(eta=0.3)`).
 pub const DEFAULT_GAMMA: f64 = 0.3;
+
+const CLASS: &str = "TCDScheduler";
 
 /// The TCD sampler.
 ///
@@ -98,51 +34,16 @@ pub const DEFAULT_GAMMA: f64 = 0.3;
 #[derive(Debug, Clone)]
 pub struct TcdScheduler {
     config: TcdConfig,
-    schedule: NoiseSchedule,
-    final_alpha_cumprod: f64,
-    timesteps: Vec<f64>,
-    num_inference_steps: Option<usize>,
-    custom_timesteps: bool,
-    step_index: Option<usize>,
-    begin_index: Option<usize>,
+    run: ConsistencyRun,
     gamma: f64,
 }
 
 impl TcdScheduler {
     /// Builds the sampler from its config, validating it.
     pub fn new(config: TcdConfig) -> Result<Self> {
-        check_not_sigmoid(
-            "TCDScheduler",
-            config.beta_schedule,
-            config.trained_betas.as_deref(),
-        )?;
-        let schedule = NoiseSchedule::new(
-            config.num_train_timesteps,
-            config.beta_start,
-            config.beta_end,
-            config.beta_schedule,
-            config.trained_betas.as_deref(),
-            config.rescale_betas_zero_snr,
-        )?;
-        if config.original_inference_steps == 0 {
-            return Err(Error::config(
-                "original_inference_steps",
-                "must be at least 1",
-            ));
-        }
-        let final_alpha_cumprod = schedule.final_alpha_cumprod(config.set_alpha_to_one);
         Ok(Self {
-            timesteps: (0..config.num_train_timesteps)
-                .rev()
-                .map(|t| t as f64)
-                .collect(),
+            run: ConsistencyRun::new(CLASS, &config)?,
             config,
-            schedule,
-            final_alpha_cumprod,
-            num_inference_steps: None,
-            custom_timesteps: false,
-            step_index: None,
-            begin_index: None,
             gamma: DEFAULT_GAMMA,
         })
     }
@@ -159,7 +60,7 @@ impl TcdScheduler {
 
     /// The training noise schedule.
     pub fn schedule(&self) -> &NoiseSchedule {
-        &self.schedule
+        &self.run.schedule
     }
 
     /// The stochasticity `gamma` (diffusers' `eta`), set by [`Scheduler::set_eta`].
@@ -169,12 +70,12 @@ impl TcdScheduler {
 
     /// Whether the current timesteps were given explicitly.
     pub fn custom_timesteps(&self) -> bool {
-        self.custom_timesteps
+        self.run.custom_timesteps
     }
 
     /// The index of the next step, once the first step has run.
     pub fn step_index(&self) -> Option<usize> {
-        self.step_index
+        self.run.index.step
     }
 
     /// The v-prediction training target at `timesteps` (Salimans & Ho 2022, §4).
@@ -184,7 +85,7 @@ impl TcdScheduler {
         noise: &T,
         timesteps: &[f64],
     ) -> Result<T> {
-        self.schedule.get_velocity(sample, noise, timesteps)
+        self.run.schedule.get_velocity(sample, noise, timesteps)
     }
 
     /// `set_timesteps(n)` of an image-to-image run: the distillation schedule is shortened
@@ -200,11 +101,11 @@ impl TcdScheduler {
     /// diffusers' full `set_timesteps(num_inference_steps | timesteps,
     /// original_inference_steps, strength)`.
     ///
-    /// Without `original_inference_steps` the distillation schedule is `k - 1, 2k - 1, ...,
-    /// floor(S * strength) k - 1` with `S` the config's `original_inference_steps` and
-    /// `k = num_train_timesteps // S`. When it is given, diffusers uses every training
-    /// timestep `0, ..., floor(num_train_timesteps * strength) - 1` instead and the argument
-    /// only bounds the step count; this is reproduced.
+    /// Without `original_inference_steps` the distillation schedule is LCM's
+    /// ([`distillation_timesteps`] of the config's `original_inference_steps`). When it is
+    /// given, diffusers uses every training timestep `0, ..., floor(num_train_timesteps *
+    /// strength) - 1` instead and the argument only bounds the step count; this is
+    /// reproduced.
     pub fn set_timesteps_with(
         &mut self,
         schedule: TimestepSchedule,
@@ -221,10 +122,8 @@ impl TcdScheduler {
                         "original_inference_steps ({original_steps}) cannot exceed num_train_timesteps ({n_train})"
                     )));
                 }
-                let k = n_train / original_steps;
-                let count = (original_steps as f64 * strength) as usize;
                 (
-                    (1..=count).map(|i| (i * k) as f64 - 1.0).collect(),
+                    distillation_timesteps(n_train, original_steps, strength),
                     original_steps,
                 )
             }
@@ -233,21 +132,14 @@ impl TcdScheduler {
                 ((0..count).map(|t| t as f64).collect(), original_steps)
             }
         };
-        let custom = matches!(schedule, TimestepSchedule::Timesteps(_));
-        let (timesteps, n) =
-            consistency_timesteps(schedule, &origin, limit, strength, n_train, "TCDScheduler")?;
-        self.timesteps = timesteps;
-        self.num_inference_steps = Some(n);
-        self.custom_timesteps = custom;
-        self.step_index = None;
-        self.begin_index = None;
-        Ok(())
+        self.run
+            .set_timesteps(CLASS, schedule, &origin, limit, strength)
     }
 }
 
 impl<T: SchedulerTensor> Scheduler<T> for TcdScheduler {
     fn name(&self) -> &str {
-        "TCDScheduler"
+        CLASS
     }
 
     fn num_train_timesteps(&self) -> usize {
@@ -259,7 +151,7 @@ impl<T: SchedulerTensor> Scheduler<T> for TcdScheduler {
     }
 
     fn timesteps(&self) -> &[f64] {
-        &self.timesteps
+        &self.run.timesteps
     }
 
     fn step(
@@ -269,9 +161,7 @@ impl<T: SchedulerTensor> Scheduler<T> for TcdScheduler {
         sample: &T,
         noise: &mut dyn NoiseSource,
     ) -> Result<StepOutput<T>> {
-        let num_inference_steps = self
-            .num_inference_steps
-            .ok_or_else(|| Error::InvalidState("call set_timesteps before step".into()))?;
+        let num_inference_steps = self.run.num_inference_steps()?;
         check_same_shape(model_output, sample)?;
         let gamma = self.gamma;
         if !(0.0..=1.0).contains(&gamma) {
@@ -279,38 +169,25 @@ impl<T: SchedulerTensor> Scheduler<T> for TcdScheduler {
                 "TCD's gamma (eta) must lie in [0, 1], got {gamma}"
             )));
         }
-        let step_index = match self.step_index {
-            Some(i) => i,
-            None => self
-                .begin_index
-                .map_or_else(|| index_for_timestep(&self.timesteps, timestep), Ok)?,
-        };
+        let step_index = self.run.step_index(timestep)?;
         // 1. the next timestep t' (0 after the last) and the intermediate s; diffusers
         //    computes (1 - gamma) * t' in float32
-        let prev_timestep = self.timesteps.get(step_index + 1).copied().unwrap_or(0.0);
+        let prev_timestep = self
+            .run
+            .timesteps
+            .get(step_index + 1)
+            .copied()
+            .unwrap_or(0.0);
         let timestep_s = ((1.0 - gamma) as f32 * prev_timestep as f32).floor() as f64;
         // 2. alphas and betas
-        let alpha_prod_t = self.schedule.alpha_bar(timestep)?;
-        let alpha_prod_t_prev = self
-            .schedule
-            .alpha_bar_or(prev_timestep, self.final_alpha_cumprod)?;
-        let alpha_prod_s = self.schedule.alpha_bar(timestep_s)?;
+        let alpha_prod_t = self.run.schedule.alpha_bar(timestep)?;
+        let alpha_prod_t_prev = self.run.alpha_bar_or_final(prev_timestep)?;
+        let alpha_prod_s = self.run.schedule.alpha_bar(timestep_s)?;
         let (a, s) = (alpha_prod_t.sqrt(), (1.0 - alpha_prod_t).sqrt());
         // 3. x0 and eps, then the deterministic jump to s
-        let (pred_x0, pred_eps) = match self.config.prediction_type {
-            PredictionType::Epsilon => (
-                T::lincomb(&[(1.0 / a, sample), (-s / a, model_output)]),
-                model_output.clone(),
-            ),
-            PredictionType::Sample => (
-                model_output.clone(),
-                T::lincomb(&[(1.0 / s, sample), (-a / s, model_output)]),
-            ),
-            PredictionType::VPrediction => (
-                T::lincomb(&[(a, sample), (-s, model_output)]),
-                T::lincomb(&[(a, model_output), (s, sample)]),
-            ),
-        };
+        let prediction_type = self.config.prediction_type;
+        let pred_x0 = vp_pred_x0(prediction_type, model_output, sample, a, s);
+        let pred_eps = vp_pred_eps(prediction_type, model_output, sample, a, s);
         let pred_noised = T::lincomb(&[
             (alpha_prod_s.sqrt(), &pred_x0),
             ((1.0 - alpha_prod_s).sqrt(), &pred_eps),
@@ -323,7 +200,7 @@ impl<T: SchedulerTensor> Scheduler<T> for TcdScheduler {
         } else {
             pred_noised
         };
-        self.step_index = Some(step_index + 1);
+        self.run.index.step = Some(step_index + 1);
         Ok(StepOutput {
             prev_sample,
             pred_original_sample: Some(pred_x0),
@@ -331,11 +208,13 @@ impl<T: SchedulerTensor> Scheduler<T> for TcdScheduler {
     }
 
     fn add_noise(&self, original_samples: &T, noise: &T, timesteps: &[f64]) -> Result<T> {
-        self.schedule.add_noise(original_samples, noise, timesteps)
+        self.run
+            .schedule
+            .add_noise(original_samples, noise, timesteps)
     }
 
     fn set_begin_index(&mut self, begin_index: usize) {
-        self.begin_index = Some(begin_index);
+        self.run.index.begin = Some(begin_index);
     }
 
     fn set_eta(&mut self, eta: f64) -> bool {
