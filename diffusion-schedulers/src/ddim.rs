@@ -7,7 +7,7 @@ use serde::Deserialize;
 
 use crate::common::{
     PredictionType, TimestepSchedule, TimestepSpacing, check_steps, check_steps_offset,
-    dynamic_threshold, spaced_timesteps,
+    dynamic_threshold, spaced_timesteps, vp_pred_eps, vp_pred_x0,
 };
 use crate::schedule::{BetaSchedule, NoiseSchedule};
 use crate::scheduler::{Scheduler, StepOutput};
@@ -194,20 +194,8 @@ impl<T: SchedulerTensor> Scheduler<T> for DdimScheduler {
         let beta_prod_t = 1.0 - alpha_prod_t;
         let (a, s) = (alpha_prod_t.sqrt(), beta_prod_t.sqrt());
         // 3. predicted x0 and eps (eq. 12, "predicted x0")
-        let (mut pred_x0, mut pred_eps) = match c.prediction_type {
-            PredictionType::Epsilon => (
-                T::lincomb(&[(1.0 / a, sample), (-s / a, model_output)]),
-                model_output.clone(),
-            ),
-            PredictionType::Sample => (
-                model_output.clone(),
-                T::lincomb(&[(1.0 / s, sample), (-a / s, model_output)]),
-            ),
-            PredictionType::VPrediction => (
-                T::lincomb(&[(a, sample), (-s, model_output)]),
-                T::lincomb(&[(a, model_output), (s, sample)]),
-            ),
-        };
+        let mut pred_x0 = vp_pred_x0(c.prediction_type, model_output, sample, a, s);
+        let mut pred_eps = vp_pred_eps(c.prediction_type, model_output, sample, a, s);
         // 4. clip or threshold x0
         if c.thresholding {
             pred_x0 = dynamic_threshold(&pred_x0, c.dynamic_thresholding_ratio, c.sample_max_value);
@@ -219,7 +207,7 @@ impl<T: SchedulerTensor> Scheduler<T> for DdimScheduler {
             (1.0 - alpha_prod_t_prev) / beta_prod_t * (1.0 - alpha_prod_t / alpha_prod_t_prev);
         let std_dev_t = self.eta * variance.sqrt();
         if self.use_clipped_model_output {
-            pred_eps = T::lincomb(&[(1.0 / s, sample), (-a / s, &pred_x0)]);
+            pred_eps = vp_pred_eps(PredictionType::Sample, &pred_x0, sample, a, s);
         }
         // 6-7. direction pointing to x_t, and x_{t-1} (eq. 12)
         let dir = (1.0 - alpha_prod_t_prev - std_dev_t * std_dev_t).sqrt();

@@ -8,7 +8,7 @@ use serde::{Deserialize, Serialize};
 
 use crate::common::{
     PredictionType, TimestepSchedule, TimestepSpacing, check_integer_timesteps, check_steps,
-    check_steps_offset, dynamic_threshold, spaced_timesteps,
+    check_steps_offset, dynamic_threshold, spaced_timesteps, vp_pred_x0,
 };
 use crate::schedule::{BetaSchedule, NoiseSchedule, check_same_shape};
 use crate::scheduler::{Scheduler, StepOutput};
@@ -316,11 +316,7 @@ impl<T: SchedulerTensor> Scheduler<T> for DdpmScheduler {
 
         // 2. predicted x0 (eq. 15)
         let (a, s) = (alpha_prod_t.sqrt(), beta_prod_t.sqrt());
-        let mut pred_x0 = match c.prediction_type {
-            PredictionType::Epsilon => T::lincomb(&[(1.0 / a, sample), (-s / a, &model_output)]),
-            PredictionType::Sample => model_output.clone(),
-            PredictionType::VPrediction => T::lincomb(&[(a, sample), (-s, &model_output)]),
-        };
+        let mut pred_x0 = vp_pred_x0(c.prediction_type, &model_output, sample, a, s);
 
         // 3. clip or threshold x0
         if c.thresholding {
