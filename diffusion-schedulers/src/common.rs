@@ -5,7 +5,9 @@ use diffusion_core::{Error, Result, SchedulerTensor};
 use serde::{Deserialize, Serialize};
 
 pub use crate::schedule::linspace;
-use crate::schedule::{NoiseSchedule, batch_size, check_same_shape, per_batch};
+use crate::schedule::{
+    NoiseSchedule, batch_size, check_same_shape, per_batch, sigmas_from_alphas_cumprod,
+};
 
 /// The `prediction_type` key: what the model predicts.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, Default)]
@@ -69,6 +71,22 @@ pub fn check_steps(num_inference_steps: usize, num_train_timesteps: usize) -> Re
         )));
     }
     Ok(())
+}
+
+/// The step count of `schedule`, checked by [`check_steps`], for the samplers that take no
+/// custom timesteps or sigmas.
+pub fn step_count(
+    class: &str,
+    schedule: TimestepSchedule,
+    num_train_timesteps: usize,
+) -> Result<usize> {
+    let TimestepSchedule::Steps(n) = schedule else {
+        return Err(Error::Unsupported(format!(
+            "{class} takes a step count, not custom timesteps or sigmas"
+        )));
+    };
+    check_steps(n, num_train_timesteps)?;
+    Ok(n)
 }
 
 /// Checks that custom timesteps are strictly decreasing and inside `[0, num_train_timesteps)`.
@@ -623,10 +641,7 @@ pub fn vp_inference_sigmas(
     sigma_max: Option<f64>,
     round_karras: bool,
 ) -> VpInferenceSigmas {
-    let train: Vec<f64> = alphas_cumprod
-        .iter()
-        .map(|a| ((1.0 - a) / a).sqrt())
-        .collect();
+    let train = sigmas_from_alphas_cumprod(alphas_cumprod);
     if spacing == SigmaSpacing::Timesteps {
         let grid: Vec<f64> = (0..train.len()).map(|i| i as f64).collect();
         return VpInferenceSigmas {
@@ -940,6 +955,24 @@ pub fn k_init_noise_sigma(sigmas: &[f64], spacing: TimestepSpacing) -> f64 {
     }
 }
 
+/// The model input of a k-diffusion sampler at noise level `sigma`: the sample scaled by
+/// `c_in = 1 / sqrt(sigma^2 + 1)` (Karras et al. 2022, Table 1, VP column), so the model sees
+/// unit variance as it did in training.
+pub fn k_scale_model_input<T: SchedulerTensor>(sample: &T, sigma: f64) -> T {
+    sample.scale(1.0 / (sigma * sigma + 1.0).sqrt())
+}
+
+/// Errors for `prediction_type = "sample"` in the k-diffusion classes that do not implement
+/// it (Euler ancestral, KDPM2 and KDPM2 ancestral).
+pub fn check_not_sample_prediction(class: &str, prediction_type: PredictionType) -> Result<()> {
+    if prediction_type == PredictionType::Sample {
+        return Err(Error::Unsupported(format!(
+            "{class} does not implement prediction_type `sample`"
+        )));
+    }
+    Ok(())
+}
+
 /// The clean-sample estimate `x0` of a k-diffusion sampler at noise level `sigma`
 /// (Karras et al. 2022, Table 1, with `c_skip`, `c_out` of the VP parameterisation):
 /// `x - sigma * eps` for epsilon, `-sigma / sqrt(sigma^2 + 1) * v + x / (sigma^2 + 1)`
@@ -985,15 +1018,22 @@ pub fn log_midpoint(a: f64, b: f64) -> f64 {
     (end - (end - start) * 0.5).exp()
 }
 
-/// torch's `cat([x[:1], x[1:].repeat_interleave(2), x[-1:]])`: every entry after the first
-/// doubled, the last once more (KDPM2's per-evaluation sigma tables).
-pub fn repeat_after_first(x: &[f64]) -> Vec<f64> {
+/// torch's `cat([x[:1], x[1:].repeat_interleave(2)])`: every entry after the first doubled
+/// (the per-evaluation tables of the two-evaluation samplers, Heun's).
+pub fn double_after_first(x: &[f64]) -> Vec<f64> {
     let mut out = Vec::with_capacity(2 * x.len());
     if let Some((&first, rest)) = x.split_first() {
         out.push(first);
         out.extend(rest.iter().flat_map(|&v| [v, v]));
-        out.push(*x.last().unwrap_or(&first));
     }
+    out
+}
+
+/// torch's `cat([x[:1], x[1:].repeat_interleave(2), x[-1:]])`: [`double_after_first`] with
+/// the last entry once more (KDPM2's per-evaluation sigma tables).
+pub fn repeat_after_first(x: &[f64]) -> Vec<f64> {
+    let mut out = double_after_first(x);
+    out.extend(x.last());
     out
 }
 

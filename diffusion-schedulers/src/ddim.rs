@@ -6,8 +6,8 @@ use diffusion_core::{ConfigMap, Error, NoiseSource, Result, SchedulerTensor};
 use serde::Deserialize;
 
 use crate::common::{
-    PredictionType, TimestepSchedule, TimestepSpacing, check_steps, check_steps_offset,
-    dynamic_threshold, spaced_timesteps, vp_pred_eps, vp_pred_x0,
+    PredictionType, TimestepSchedule, TimestepSpacing, check_steps_offset, dynamic_threshold,
+    spaced_timesteps, step_count, vp_pred_eps, vp_pred_x0,
 };
 use crate::schedule::{BetaSchedule, NoiseSchedule};
 use crate::scheduler::{Scheduler, StepOutput};
@@ -145,12 +145,7 @@ impl<T: SchedulerTensor> Scheduler<T> for DdimScheduler {
     }
 
     fn set_timestep_schedule(&mut self, schedule: TimestepSchedule) -> Result<()> {
-        let TimestepSchedule::Steps(n) = schedule else {
-            return Err(Error::Unsupported(
-                "DDIMScheduler takes a step count, not custom timesteps or sigmas".into(),
-            ));
-        };
-        check_steps(n, self.config.num_train_timesteps)?;
+        let n = step_count("DDIMScheduler", schedule, self.config.num_train_timesteps)?;
         self.timesteps = spaced_timesteps(
             self.config.timestep_spacing,
             self.config.num_train_timesteps,

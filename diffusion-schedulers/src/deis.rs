@@ -13,7 +13,7 @@ use serde::Deserialize;
 
 use crate::common::{
     ModelOutputs, PredictionType, SigmaSpacing, StepIndex, TimestepSchedule, TimestepSpacing,
-    check_steps, dynamic_threshold, multistep_order, multistep_timesteps, reject_flow_keys,
+    dynamic_threshold, multistep_order, multistep_timesteps, reject_flow_keys, step_count,
     vp_add_noise, vp_alpha_sigma, vp_inference_sigmas, vp_lambda, vp_pred_x0, vp_sigma_min,
 };
 use crate::schedule::{BetaSchedule, NoiseSchedule, check_not_sigmoid, check_same_shape};
@@ -301,13 +301,12 @@ impl<T: SchedulerTensor> Scheduler<T> for DeisMultistepScheduler<T> {
     }
 
     fn set_timestep_schedule(&mut self, schedule: TimestepSchedule) -> Result<()> {
-        let TimestepSchedule::Steps(n) = schedule else {
-            return Err(Error::Unsupported(
-                "DEISMultistepScheduler takes a step count, not custom timesteps or sigmas".into(),
-            ));
-        };
+        let n = step_count(
+            "DEISMultistepScheduler",
+            schedule,
+            self.config.num_train_timesteps,
+        )?;
         let c = &self.config;
-        check_steps(n, c.num_train_timesteps)?;
         let spaced = multistep_timesteps(
             c.timestep_spacing,
             c.num_train_timesteps,

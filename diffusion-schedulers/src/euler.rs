@@ -10,10 +10,13 @@ use crate::common::{
     FinalSigmasType, PredictionType, SigmaSpacing, StepIndex, TimestepSchedule, TimestepSpacing,
     check_custom_sigmas, check_custom_timesteps, check_steps, finite_terminal_alphas_cumprod,
     index_for_timestep, k_add_noise, k_init_noise_sigma, k_noise_schedule, k_pred_x0,
-    k_spaced_timesteps, linspace, respace_sigmas, sigma_at, sigmas_at_timesteps,
-    sigmas_to_timesteps,
+    k_scale_model_input, k_spaced_timesteps, linspace, respace_sigmas, sigma_at,
+    sigmas_at_timesteps, sigmas_to_timesteps,
 };
-use crate::schedule::{BetaSchedule, NoiseSchedule, batch_size, check_same_shape, per_batch};
+use crate::schedule::{
+    BetaSchedule, NoiseSchedule, batch_size, check_same_shape, per_batch,
+    sigmas_from_alphas_cumprod,
+};
 use crate::scheduler::{Scheduler, StepOutput};
 
 /// The `interpolation_type` key: how inference sigmas are read off the training sigmas.
@@ -155,21 +158,13 @@ impl EulerDiscreteScheduler {
         )?;
         let alphas_cumprod =
             finite_terminal_alphas_cumprod(alphas_cumprod, config.rescale_betas_zero_snr);
-        let train_sigmas: Vec<f64> = alphas_cumprod
-            .iter()
-            .map(|a| ((1.0 - a) / a).sqrt())
-            .collect();
-        // diffusers' state before set_timesteps: every training timestep
-        let mut sigmas: Vec<f64> = train_sigmas.iter().rev().copied().collect();
+        let train_sigmas = sigmas_from_alphas_cumprod(&alphas_cumprod);
+        let (timesteps, sigmas) = full_schedule(&train_sigmas);
         let timesteps = if config.continuous_v() {
-            sigmas.iter().map(|s| 0.25 * s.ln()).collect()
+            continuous_timesteps(&sigmas)
         } else {
-            let n = config.num_train_timesteps;
-            let mut t = linspace(0.0, (n - 1) as f64, n);
-            t.reverse();
-            t
+            timesteps
         };
-        sigmas.push(0.0);
         Ok(Self {
             config,
             spacing,
@@ -274,6 +269,25 @@ impl EulerDiscreteScheduler {
     }
 }
 
+/// diffusers' state of the Euler samplers before `set_timesteps`: every training timestep,
+/// decreasing, and the training sigmas in the same order followed by 0.
+pub(crate) fn full_schedule(train_sigmas: &[f64]) -> (Vec<f64>, Vec<f64>) {
+    let n = train_sigmas.len();
+    let timesteps = k_spaced_timesteps(TimestepSpacing::Linspace, n, n, 0);
+    let mut sigmas: Vec<f64> = train_sigmas.iter().rev().copied().collect();
+    sigmas.push(0.0);
+    (timesteps, sigmas)
+}
+
+/// The EDM noise conditioning `c_noise = ln(sigma) / 4` of each step's sigma (the model's
+/// timesteps with `timestep_type = "continuous"` and v-prediction).
+fn continuous_timesteps(sigmas_with_final: &[f64]) -> Vec<f64> {
+    sigmas_with_final[..sigmas_with_final.len() - 1]
+        .iter()
+        .map(|s| 0.25 * s.ln())
+        .collect()
+}
+
 impl EulerConfig {
     fn continuous_v(&self) -> bool {
         self.timestep_type == TimestepType::Continuous
@@ -329,10 +343,7 @@ impl<T: SchedulerTensor> Scheduler<T> for EulerDiscreteScheduler {
             }
         };
         self.timesteps = if self.config.continuous_v() {
-            sigmas[..sigmas.len() - 1]
-                .iter()
-                .map(|s| 0.25 * s.ln())
-                .collect()
+            continuous_timesteps(&sigmas)
         } else {
             timesteps
         };
@@ -356,7 +367,7 @@ impl<T: SchedulerTensor> Scheduler<T> for EulerDiscreteScheduler {
     fn scale_model_input(&mut self, sample: &T, timestep: f64) -> Result<T> {
         let i = self.index.current(timestep, &self.timesteps)?;
         let sigma = sigma_at(&self.sigmas, i)?;
-        Ok(sample.scale(1.0 / (sigma * sigma + 1.0).sqrt()))
+        Ok(k_scale_model_input(sample, sigma))
     }
 
     fn step(
@@ -366,7 +377,7 @@ impl<T: SchedulerTensor> Scheduler<T> for EulerDiscreteScheduler {
         sample: &T,
         noise: &mut dyn NoiseSource,
     ) -> Result<StepOutput<T>> {
-        crate::schedule::check_same_shape(model_output, sample)?;
+        check_same_shape(model_output, sample)?;
         let i = self.index.current(timestep, &self.timesteps)?;
         let sigma = sigma_at(&self.sigmas, i)?;
         let sigma_next = sigma_at(&self.sigmas, i + 1)?;

@@ -3,15 +3,16 @@
 //! `EulerAncestralDiscreteScheduler`.
 
 use diffusion_core::config::lenient_f64;
-use diffusion_core::{ConfigMap, Error, NoiseSource, Result, SchedulerTensor};
+use diffusion_core::{ConfigMap, NoiseSource, Result, SchedulerTensor};
 use serde::Deserialize;
 
 use crate::common::{
-    PredictionType, StepIndex, TimestepSchedule, TimestepSpacing, check_steps,
+    PredictionType, StepIndex, TimestepSchedule, TimestepSpacing, check_not_sample_prediction,
     finite_terminal_alphas_cumprod, k_add_noise, k_init_noise_sigma, k_noise_schedule, k_pred_x0,
-    k_spaced_timesteps, linspace, sigma_at, sigmas_at_timesteps,
+    k_scale_model_input, k_spaced_timesteps, sigma_at, sigmas_at_timesteps, step_count,
 };
-use crate::schedule::BetaSchedule;
+use crate::euler::full_schedule;
+use crate::schedule::{BetaSchedule, check_same_shape, sigmas_from_alphas_cumprod};
 use crate::scheduler::{Scheduler, StepOutput};
 
 /// The keys of an `EulerAncestralDiscreteScheduler` `scheduler_config.json`, with
@@ -58,6 +59,8 @@ impl Default for EulerAncestralConfig {
     }
 }
 
+const CLASS: &str = "EulerAncestralDiscreteScheduler";
+
 /// Ancestral Euler sampler: one noise draw per step.
 ///
 /// From `sigma_i` to `sigma_{i+1}` the step splits the target variance into a
@@ -77,14 +80,9 @@ pub struct EulerAncestralDiscreteScheduler {
 impl EulerAncestralDiscreteScheduler {
     /// Builds the sampler from its config, validating it.
     pub fn new(config: EulerAncestralConfig) -> Result<Self> {
-        if config.prediction_type == PredictionType::Sample {
-            return Err(Error::Unsupported(
-                "EulerAncestralDiscreteScheduler does not implement prediction_type `sample`"
-                    .into(),
-            ));
-        }
+        check_not_sample_prediction(CLASS, config.prediction_type)?;
         let alphas_cumprod = k_noise_schedule(
-            "EulerAncestralDiscreteScheduler",
+            CLASS,
             config.num_train_timesteps,
             config.beta_start,
             config.beta_end,
@@ -95,16 +93,8 @@ impl EulerAncestralDiscreteScheduler {
         .alphas_cumprod;
         let alphas_cumprod =
             finite_terminal_alphas_cumprod(alphas_cumprod, config.rescale_betas_zero_snr);
-        let train_sigmas: Vec<f64> = alphas_cumprod
-            .iter()
-            .map(|a| ((1.0 - a) / a).sqrt())
-            .collect();
-        // diffusers' state before set_timesteps: every training timestep
-        let mut sigmas: Vec<f64> = train_sigmas.iter().rev().copied().collect();
-        sigmas.push(0.0);
-        let n = config.num_train_timesteps;
-        let mut timesteps = linspace(0.0, (n - 1) as f64, n);
-        timesteps.reverse();
+        let train_sigmas = sigmas_from_alphas_cumprod(&alphas_cumprod);
+        let (timesteps, sigmas) = full_schedule(&train_sigmas);
         Ok(Self {
             config,
             train_sigmas,
@@ -116,7 +106,7 @@ impl EulerAncestralDiscreteScheduler {
 
     /// Builds the sampler from a `scheduler_config.json` map (unknown keys ignored).
     pub fn from_config_map(map: &ConfigMap) -> Result<Self> {
-        Self::new(map.deserialize("EulerAncestralDiscreteScheduler config")?)
+        Self::new(map.deserialize(&format!("{CLASS} config"))?)
     }
 
     /// The config in use.
@@ -127,7 +117,7 @@ impl EulerAncestralDiscreteScheduler {
 
 impl<T: SchedulerTensor> Scheduler<T> for EulerAncestralDiscreteScheduler {
     fn name(&self) -> &str {
-        "EulerAncestralDiscreteScheduler"
+        CLASS
     }
 
     fn num_train_timesteps(&self) -> usize {
@@ -135,15 +125,8 @@ impl<T: SchedulerTensor> Scheduler<T> for EulerAncestralDiscreteScheduler {
     }
 
     fn set_timestep_schedule(&mut self, schedule: TimestepSchedule) -> Result<()> {
-        let TimestepSchedule::Steps(n) = schedule else {
-            return Err(Error::Unsupported(
-                "EulerAncestralDiscreteScheduler takes a step count, not custom timesteps or \
-                 sigmas"
-                    .into(),
-            ));
-        };
+        let n = step_count(CLASS, schedule, self.config.num_train_timesteps)?;
         let c = &self.config;
-        check_steps(n, c.num_train_timesteps)?;
         self.timesteps =
             k_spaced_timesteps(c.timestep_spacing, c.num_train_timesteps, n, c.steps_offset);
         self.sigmas = sigmas_at_timesteps(&self.train_sigmas, &self.timesteps);
@@ -167,7 +150,7 @@ impl<T: SchedulerTensor> Scheduler<T> for EulerAncestralDiscreteScheduler {
     fn scale_model_input(&mut self, sample: &T, timestep: f64) -> Result<T> {
         let i = self.index.current(timestep, &self.timesteps)?;
         let sigma = sigma_at(&self.sigmas, i)?;
-        Ok(sample.scale(1.0 / (sigma * sigma + 1.0).sqrt()))
+        Ok(k_scale_model_input(sample, sigma))
     }
 
     fn step(
@@ -177,7 +160,7 @@ impl<T: SchedulerTensor> Scheduler<T> for EulerAncestralDiscreteScheduler {
         sample: &T,
         noise: &mut dyn NoiseSource,
     ) -> Result<StepOutput<T>> {
-        crate::schedule::check_same_shape(model_output, sample)?;
+        check_same_shape(model_output, sample)?;
         let i = self.index.current(timestep, &self.timesteps)?;
         let sigma = sigma_at(&self.sigmas, i)?;
         let sigma_to = sigma_at(&self.sigmas, i + 1)?;
@@ -215,7 +198,7 @@ impl<T: SchedulerTensor> Scheduler<T> for EulerAncestralDiscreteScheduler {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use diffusion_core::{FixedNoise, HostTensor};
+    use diffusion_core::{Error, FixedNoise, HostTensor};
 
     #[test]
     fn one_noise_draw_per_step() {

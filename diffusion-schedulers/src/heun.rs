@@ -8,10 +8,10 @@ use serde::{Deserialize, Serialize};
 
 use crate::common::{
     PredictionType, SigmaSpacing, StepIndex, TimestepSchedule, TimestepSpacing,
-    check_custom_timesteps, check_steps, k_add_noise, k_init_noise_sigma, k_noise_schedule,
-    k_pred_x0, k_schedule, k_spaced_timesteps, sigma_at,
+    check_custom_timesteps, check_steps, double_after_first, k_add_noise, k_init_noise_sigma,
+    k_noise_schedule, k_pred_x0, k_scale_model_input, k_schedule, k_spaced_timesteps, sigma_at,
 };
-use crate::schedule::BetaSchedule;
+use crate::schedule::{BetaSchedule, check_same_shape};
 use crate::scheduler::{Scheduler, StepOutput};
 
 /// The `beta_schedule` key of `HeunDiscreteScheduler`, which also offers `exp`.
@@ -209,19 +209,9 @@ impl<T: SchedulerTensor> HeunDiscreteScheduler<T> {
             false,
         );
         // sigmas: s0, s1, s1, ..., s_{n-1}, s_{n-1}, 0; timesteps: t0, t1, t1, ..., t_{n-1}
-        let mut sigmas = Vec::with_capacity(2 * ks.sigmas.len());
-        if let Some((&first, rest)) = ks.sigmas.split_first() {
-            sigmas.push(first);
-            sigmas.extend(rest.iter().flat_map(|&s| [s, s]));
-        }
-        sigmas.push(0.0);
-        let mut timesteps = Vec::with_capacity(2 * ks.timesteps.len());
-        if let Some((&first, rest)) = ks.timesteps.split_first() {
-            timesteps.push(first);
-            timesteps.extend(rest.iter().flat_map(|&t| [t, t]));
-        }
-        self.sigmas = sigmas;
-        self.timesteps = timesteps;
+        self.sigmas = double_after_first(&ks.sigmas);
+        self.sigmas.push(0.0);
+        self.timesteps = double_after_first(&ks.timesteps);
         self.first = None;
         self.index.reset();
     }
@@ -280,7 +270,7 @@ impl<T: SchedulerTensor> Scheduler<T> for HeunDiscreteScheduler<T> {
     fn scale_model_input(&mut self, sample: &T, timestep: f64) -> Result<T> {
         let i = self.index.current(timestep, &self.timesteps)?;
         let sigma = sigma_at(&self.sigmas, i)?;
-        Ok(sample.scale(1.0 / (sigma * sigma + 1.0).sqrt()))
+        Ok(k_scale_model_input(sample, sigma))
     }
 
     fn step(
@@ -290,7 +280,7 @@ impl<T: SchedulerTensor> Scheduler<T> for HeunDiscreteScheduler<T> {
         sample: &T,
         _noise: &mut dyn NoiseSource,
     ) -> Result<StepOutput<T>> {
-        crate::schedule::check_same_shape(model_output, sample)?;
+        check_same_shape(model_output, sample)?;
         let i = self.index.current(timestep, &self.timesteps)?;
         let first_order = self.first.is_none();
         let (sigma, sigma_next) = if first_order {

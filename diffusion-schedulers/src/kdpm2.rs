@@ -7,11 +7,12 @@ use diffusion_core::{ConfigMap, Error, NoiseSource, Result, SchedulerTensor};
 use serde::Deserialize;
 
 use crate::common::{
-    PredictionType, SigmaSpacing, StepIndex, TimestepSchedule, TimestepSpacing, check_steps,
-    k_add_noise, k_init_noise_sigma, k_noise_schedule, k_pred_x0, k_schedule, k_spaced_timesteps,
-    log_midpoint, repeat_after_first, sigma_at, sigmas_to_timesteps,
+    KSchedule, PredictionType, SigmaSpacing, StepIndex, TimestepSchedule, TimestepSpacing,
+    check_not_sample_prediction, k_add_noise, k_init_noise_sigma, k_noise_schedule, k_pred_x0,
+    k_scale_model_input, k_schedule, k_spaced_timesteps, log_midpoint, repeat_after_first,
+    sigma_at, sigmas_to_timesteps, step_count,
 };
-use crate::schedule::BetaSchedule;
+use crate::schedule::{BetaSchedule, check_same_shape};
 use crate::scheduler::{Scheduler, StepOutput};
 
 /// The keys of a `KDPM2DiscreteScheduler` `scheduler_config.json`, with diffusers'
@@ -74,6 +75,70 @@ impl Default for Kdpm2Config {
     }
 }
 
+/// The sigma spacing and training sigmas of a KDPM2 sampler, validating `config` (both
+/// KDPM2 classes take the same keys and reject the same values).
+pub(crate) fn kdpm2_training_sigmas(
+    class: &str,
+    config: &Kdpm2Config,
+) -> Result<(SigmaSpacing, Vec<f64>)> {
+    check_not_sample_prediction(class, config.prediction_type)?;
+    let spacing = SigmaSpacing::from_flags(
+        config.use_karras_sigmas,
+        config.use_exponential_sigmas,
+        config.use_beta_sigmas,
+    )?;
+    let schedule = k_noise_schedule(
+        class,
+        config.num_train_timesteps,
+        config.beta_start,
+        config.beta_end,
+        config.beta_schedule,
+        config.trained_betas.as_deref(),
+        false,
+    )?;
+    Ok((spacing, schedule.sigmas()))
+}
+
+/// The step timesteps and sigmas of a KDPM2 run of `n` steps: the k-diffusion schedule,
+/// Karras timesteps rounded, the sigmas ending on 0.
+pub(crate) fn kdpm2_step_schedule(
+    config: &Kdpm2Config,
+    train_sigmas: &[f64],
+    spacing: SigmaSpacing,
+    n: usize,
+) -> KSchedule {
+    let c = config;
+    let base = k_spaced_timesteps(c.timestep_spacing, c.num_train_timesteps, n, c.steps_offset);
+    let mut ks = k_schedule(
+        train_sigmas,
+        base,
+        n,
+        spacing,
+        c.sigma_min,
+        c.sigma_max,
+        true,
+    );
+    ks.sigmas.push(0.0);
+    ks
+}
+
+/// The timesteps a KDPM2 run evaluates the model at: the first step timestep, then for each
+/// later step `k` its midpoint timestep `midpoint(k, t_k)` and `t_k` itself.
+pub(crate) fn interleave_midpoints(
+    step_timesteps: &[f64],
+    midpoint: impl Fn(usize, f64) -> f64,
+) -> Vec<f64> {
+    let mut timesteps = Vec::with_capacity(2 * step_timesteps.len());
+    timesteps.extend(step_timesteps.first().copied());
+    for (k, &t) in step_timesteps.iter().enumerate().skip(1) {
+        timesteps.push(midpoint(k, t));
+        timesteps.push(t);
+    }
+    timesteps
+}
+
+const CLASS: &str = "KDPM2DiscreteScheduler";
+
 /// KDPM2 sampler: two model evaluations per step (the second at the log-midpoint sigma), so
 /// [`Scheduler::timesteps`] interleaves midpoint timesteps between the step timesteps.
 ///
@@ -98,28 +163,10 @@ impl<T: SchedulerTensor> Kdpm2DiscreteScheduler<T> {
     /// Builds the sampler from its config, validating it. Like diffusers, it starts with a
     /// schedule of `num_train_timesteps` steps.
     pub fn new(config: Kdpm2Config) -> Result<Self> {
-        if config.prediction_type == PredictionType::Sample {
-            return Err(Error::Unsupported(
-                "KDPM2DiscreteScheduler does not implement prediction_type `sample`".into(),
-            ));
-        }
-        let spacing = SigmaSpacing::from_flags(
-            config.use_karras_sigmas,
-            config.use_exponential_sigmas,
-            config.use_beta_sigmas,
-        )?;
-        let schedule = k_noise_schedule(
-            "KDPM2DiscreteScheduler",
-            config.num_train_timesteps,
-            config.beta_start,
-            config.beta_end,
-            config.beta_schedule,
-            config.trained_betas.as_deref(),
-            false,
-        )?;
+        let (spacing, train_sigmas) = kdpm2_training_sigmas(CLASS, &config)?;
         let mut scheduler = Self {
             spacing,
-            train_sigmas: schedule.sigmas(),
+            train_sigmas,
             timesteps: Vec::new(),
             sigmas: Vec::new(),
             sigmas_interpol: Vec::new(),
@@ -133,7 +180,7 @@ impl<T: SchedulerTensor> Kdpm2DiscreteScheduler<T> {
 
     /// Builds the sampler from a `scheduler_config.json` map (unknown keys ignored).
     pub fn from_config_map(map: &ConfigMap) -> Result<Self> {
-        Self::new(map.deserialize("KDPM2DiscreteScheduler config")?)
+        Self::new(map.deserialize(&format!("{CLASS} config"))?)
     }
 
     /// The config in use.
@@ -152,19 +199,8 @@ impl<T: SchedulerTensor> Kdpm2DiscreteScheduler<T> {
     }
 
     fn set_steps(&mut self, n: usize) {
-        let c = &self.config;
-        let base = k_spaced_timesteps(c.timestep_spacing, c.num_train_timesteps, n, c.steps_offset);
-        let ks = k_schedule(
-            &self.train_sigmas,
-            base,
-            n,
-            self.spacing,
-            c.sigma_min,
-            c.sigma_max,
-            true,
-        );
-        let mut sigmas = ks.sigmas;
-        sigmas.push(0.0);
+        let ks = kdpm2_step_schedule(&self.config, &self.train_sigmas, self.spacing, n);
+        let sigmas = ks.sigmas;
         // log-midpoint of each sigma and the one before it (torch's roll(1) wraps around)
         let m = sigmas.len();
         let interpol: Vec<f64> = (0..m)
@@ -172,16 +208,9 @@ impl<T: SchedulerTensor> Kdpm2DiscreteScheduler<T> {
             .collect();
         let log_sigmas: Vec<f64> = self.train_sigmas.iter().map(|s| s.ln()).collect();
         let t_interpol = sigmas_to_timesteps(&interpol, &log_sigmas);
-        // t0, then (midpoint, step) pairs
-        let mut timesteps = Vec::with_capacity(2 * ks.timesteps.len());
-        timesteps.extend(ks.timesteps.first().copied());
-        for (k, &t) in ks.timesteps.iter().enumerate().skip(1) {
-            timesteps.push(t_interpol[k]);
-            timesteps.push(t);
-        }
         self.sigmas = repeat_after_first(&sigmas);
         self.sigmas_interpol = repeat_after_first(&interpol);
-        self.timesteps = timesteps;
+        self.timesteps = interleave_midpoints(&ks.timesteps, |k, _| t_interpol[k]);
         self.sample = None;
         self.index.reset();
     }
@@ -189,7 +218,7 @@ impl<T: SchedulerTensor> Kdpm2DiscreteScheduler<T> {
 
 impl<T: SchedulerTensor> Scheduler<T> for Kdpm2DiscreteScheduler<T> {
     fn name(&self) -> &str {
-        "KDPM2DiscreteScheduler"
+        CLASS
     }
 
     fn num_train_timesteps(&self) -> usize {
@@ -197,12 +226,7 @@ impl<T: SchedulerTensor> Scheduler<T> for Kdpm2DiscreteScheduler<T> {
     }
 
     fn set_timestep_schedule(&mut self, schedule: TimestepSchedule) -> Result<()> {
-        let TimestepSchedule::Steps(n) = schedule else {
-            return Err(Error::Unsupported(
-                "KDPM2DiscreteScheduler takes a step count, not custom timesteps or sigmas".into(),
-            ));
-        };
-        check_steps(n, self.config.num_train_timesteps)?;
+        let n = step_count(CLASS, schedule, self.config.num_train_timesteps)?;
         self.set_steps(n);
         Ok(())
     }
@@ -226,7 +250,7 @@ impl<T: SchedulerTensor> Scheduler<T> for Kdpm2DiscreteScheduler<T> {
         } else {
             sigma_at(&self.sigmas_interpol, i)?
         };
-        Ok(sample.scale(1.0 / (sigma * sigma + 1.0).sqrt()))
+        Ok(k_scale_model_input(sample, sigma))
     }
 
     fn step(
@@ -236,7 +260,7 @@ impl<T: SchedulerTensor> Scheduler<T> for Kdpm2DiscreteScheduler<T> {
         sample: &T,
         _noise: &mut dyn NoiseSource,
     ) -> Result<StepOutput<T>> {
-        crate::schedule::check_same_shape(model_output, sample)?;
+        check_same_shape(model_output, sample)?;
         let i = self.index.current(timestep, &self.timesteps)?;
         let first_order = self.sample.is_none();
         let (sigma, sigma_mid, sigma_next) = if first_order {

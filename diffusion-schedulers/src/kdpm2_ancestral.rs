@@ -4,15 +4,19 @@
 use diffusion_core::{ConfigMap, Error, NoiseSource, Result, SchedulerTensor};
 
 use crate::common::{
-    PredictionType, SigmaSpacing, StepIndex, TimestepSchedule, check_steps, k_add_noise,
-    k_init_noise_sigma, k_noise_schedule, k_pred_x0, k_schedule, k_spaced_timesteps, log_midpoint,
-    repeat_after_first, sigma_at, sigmas_to_timesteps,
+    SigmaSpacing, StepIndex, TimestepSchedule, k_add_noise, k_init_noise_sigma, k_pred_x0,
+    k_scale_model_input, log_midpoint, repeat_after_first, sigma_at, sigmas_to_timesteps,
+    step_count,
 };
+use crate::kdpm2::{interleave_midpoints, kdpm2_step_schedule, kdpm2_training_sigmas};
+use crate::schedule::check_same_shape;
 use crate::scheduler::{Scheduler, StepOutput};
 
 /// The keys of a `KDPM2AncestralDiscreteScheduler` `scheduler_config.json`: the same keys
 /// and defaults as `KDPM2DiscreteScheduler`'s.
 pub type Kdpm2AncestralConfig = crate::kdpm2::Kdpm2Config;
+
+const CLASS: &str = "KDPM2AncestralDiscreteScheduler";
 
 /// Ancestral KDPM2 sampler: two model evaluations and one noise draw per step.
 ///
@@ -41,29 +45,10 @@ impl<T: SchedulerTensor> Kdpm2AncestralDiscreteScheduler<T> {
     /// Builds the sampler from its config, validating it. Like diffusers, it starts with a
     /// schedule of `num_train_timesteps` steps.
     pub fn new(config: Kdpm2AncestralConfig) -> Result<Self> {
-        if config.prediction_type == PredictionType::Sample {
-            return Err(Error::Unsupported(
-                "KDPM2AncestralDiscreteScheduler does not implement prediction_type `sample`"
-                    .into(),
-            ));
-        }
-        let spacing = SigmaSpacing::from_flags(
-            config.use_karras_sigmas,
-            config.use_exponential_sigmas,
-            config.use_beta_sigmas,
-        )?;
-        let schedule = k_noise_schedule(
-            "KDPM2AncestralDiscreteScheduler",
-            config.num_train_timesteps,
-            config.beta_start,
-            config.beta_end,
-            config.beta_schedule,
-            config.trained_betas.as_deref(),
-            false,
-        )?;
+        let (spacing, train_sigmas) = kdpm2_training_sigmas(CLASS, &config)?;
         let mut scheduler = Self {
             spacing,
-            train_sigmas: schedule.sigmas(),
+            train_sigmas,
             timesteps: Vec::new(),
             sigmas: Vec::new(),
             sigmas_interpol: Vec::new(),
@@ -79,7 +64,7 @@ impl<T: SchedulerTensor> Kdpm2AncestralDiscreteScheduler<T> {
 
     /// Builds the sampler from a `scheduler_config.json` map (unknown keys ignored).
     pub fn from_config_map(map: &ConfigMap) -> Result<Self> {
-        Self::new(map.deserialize("KDPM2AncestralDiscreteScheduler config")?)
+        Self::new(map.deserialize(&format!("{CLASS} config"))?)
     }
 
     /// The config in use.
@@ -98,19 +83,8 @@ impl<T: SchedulerTensor> Kdpm2AncestralDiscreteScheduler<T> {
     }
 
     fn set_steps(&mut self, n: usize) {
-        let c = &self.config;
-        let base = k_spaced_timesteps(c.timestep_spacing, c.num_train_timesteps, n, c.steps_offset);
-        let ks = k_schedule(
-            &self.train_sigmas,
-            base,
-            n,
-            self.spacing,
-            c.sigma_min,
-            c.sigma_max,
-            true,
-        );
-        let mut sigmas = ks.sigmas;
-        sigmas.push(0.0);
+        let ks = kdpm2_step_schedule(&self.config, &self.train_sigmas, self.spacing, n);
+        let sigmas = ks.sigmas;
         let m = sigmas.len();
         let next = |i: usize| if i + 1 < m { sigmas[i + 1] } else { 0.0 };
         // the last entry divides 0 by 0 (NaN), as diffusers' table does; it is never used
@@ -130,22 +104,18 @@ impl<T: SchedulerTensor> Kdpm2AncestralDiscreteScheduler<T> {
         }
         let log_sigmas: Vec<f64> = self.train_sigmas.iter().map(|s| s.ln()).collect();
         let t_interpol = sigmas_to_timesteps(&interpol, &log_sigmas);
-        // t0, then (midpoint of step k, timestep k + 1) pairs
-        let mut timesteps = Vec::with_capacity(2 * ks.timesteps.len());
-        timesteps.extend(ks.timesteps.first().copied());
-        for (k, &t) in ks.timesteps.iter().enumerate().skip(1) {
-            // sigma_mid = sqrt(sigma_k * sigma_k+1^2 / sigma_k) is sigma_k+1 itself in exact
-            // arithmetic; where only rounding separates the two timesteps, list one value
+        // the midpoint of step k - 1 leads to timestep k: sigma_mid = sqrt(sigma_{k-1}
+        // sigma_k^2 / sigma_{k-1}) is sigma_k itself in exact arithmetic; where only rounding
+        // separates the two timesteps, list one value
+        self.timesteps = interleave_midpoints(&ks.timesteps, |k, t| {
             let mid = t_interpol[k - 1];
             let same = (mid - t).abs() <= 1e-9 * (1.0 + t.abs());
-            timesteps.push(if same { t } else { mid });
-            timesteps.push(t);
-        }
+            if same { t } else { mid }
+        });
         self.sigmas = repeat_after_first(&sigmas);
         self.sigmas_interpol = repeat_after_first(&interpol);
         self.sigmas_up = repeat_after_first(&up);
         self.sigmas_down = repeat_after_first(&down);
-        self.timesteps = timesteps;
         self.sample = None;
         self.index.reset();
     }
@@ -153,7 +123,7 @@ impl<T: SchedulerTensor> Kdpm2AncestralDiscreteScheduler<T> {
 
 impl<T: SchedulerTensor> Scheduler<T> for Kdpm2AncestralDiscreteScheduler<T> {
     fn name(&self) -> &str {
-        "KDPM2AncestralDiscreteScheduler"
+        CLASS
     }
 
     fn num_train_timesteps(&self) -> usize {
@@ -161,14 +131,7 @@ impl<T: SchedulerTensor> Scheduler<T> for Kdpm2AncestralDiscreteScheduler<T> {
     }
 
     fn set_timestep_schedule(&mut self, schedule: TimestepSchedule) -> Result<()> {
-        let TimestepSchedule::Steps(n) = schedule else {
-            return Err(Error::Unsupported(
-                "KDPM2AncestralDiscreteScheduler takes a step count, not custom timesteps or \
-                 sigmas"
-                    .into(),
-            ));
-        };
-        check_steps(n, self.config.num_train_timesteps)?;
+        let n = step_count(CLASS, schedule, self.config.num_train_timesteps)?;
         self.set_steps(n);
         Ok(())
     }
@@ -195,7 +158,7 @@ impl<T: SchedulerTensor> Scheduler<T> for Kdpm2AncestralDiscreteScheduler<T> {
             })?;
             sigma_at(&self.sigmas_interpol, prev)?
         };
-        Ok(sample.scale(1.0 / (sigma * sigma + 1.0).sqrt()))
+        Ok(k_scale_model_input(sample, sigma))
     }
 
     fn step(
@@ -205,7 +168,7 @@ impl<T: SchedulerTensor> Scheduler<T> for Kdpm2AncestralDiscreteScheduler<T> {
         sample: &T,
         noise: &mut dyn NoiseSource,
     ) -> Result<StepOutput<T>> {
-        crate::schedule::check_same_shape(model_output, sample)?;
+        check_same_shape(model_output, sample)?;
         let i = self.index.current(timestep, &self.timesteps)?;
         let first_order = self.sample.is_none();
         // the first half reads this step's tables at i, the second half at i - 1

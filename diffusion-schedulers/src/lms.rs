@@ -8,11 +8,11 @@ use diffusion_core::{ConfigMap, Error, NoiseSource, Result, SchedulerTensor};
 use serde::Deserialize;
 
 use crate::common::{
-    PredictionType, SigmaSpacing, StepIndex, TimestepSchedule, TimestepSpacing, check_steps,
-    k_add_noise, k_init_noise_sigma, k_noise_schedule, k_pred_x0, k_schedule, k_spaced_timesteps,
-    sigma_at,
+    PredictionType, SigmaSpacing, StepIndex, TimestepSchedule, TimestepSpacing, k_add_noise,
+    k_init_noise_sigma, k_noise_schedule, k_pred_x0, k_scale_model_input, k_schedule,
+    k_spaced_timesteps, sigma_at, step_count,
 };
-use crate::schedule::BetaSchedule;
+use crate::schedule::{BetaSchedule, check_same_shape};
 use crate::scheduler::{Scheduler, StepOutput};
 
 /// The keys of an `LMSDiscreteScheduler` `scheduler_config.json`, with diffusers' defaults.
@@ -224,12 +224,11 @@ impl<T: SchedulerTensor> Scheduler<T> for LmsDiscreteScheduler<T> {
     }
 
     fn set_timestep_schedule(&mut self, schedule: TimestepSchedule) -> Result<()> {
-        let TimestepSchedule::Steps(n) = schedule else {
-            return Err(Error::Unsupported(
-                "LMSDiscreteScheduler takes a step count, not custom timesteps or sigmas".into(),
-            ));
-        };
-        check_steps(n, self.config.num_train_timesteps)?;
+        let n = step_count(
+            "LMSDiscreteScheduler",
+            schedule,
+            self.config.num_train_timesteps,
+        )?;
         self.set_steps(n)
     }
 
@@ -248,7 +247,7 @@ impl<T: SchedulerTensor> Scheduler<T> for LmsDiscreteScheduler<T> {
     fn scale_model_input(&mut self, sample: &T, timestep: f64) -> Result<T> {
         let i = self.index.current(timestep, &self.timesteps)?;
         let sigma = sigma_at(&self.sigmas, i)?;
-        Ok(sample.scale(1.0 / (sigma * sigma + 1.0).sqrt()))
+        Ok(k_scale_model_input(sample, sigma))
     }
 
     fn step(
@@ -258,7 +257,7 @@ impl<T: SchedulerTensor> Scheduler<T> for LmsDiscreteScheduler<T> {
         sample: &T,
         _noise: &mut dyn NoiseSource,
     ) -> Result<StepOutput<T>> {
-        crate::schedule::check_same_shape(model_output, sample)?;
+        check_same_shape(model_output, sample)?;
         let i = self.index.current(timestep, &self.timesteps)?;
         let sigma = sigma_at(&self.sigmas, i)?;
         sigma_at(&self.sigmas, i + 1)?;

@@ -9,8 +9,8 @@ use diffusion_core::{ConfigMap, Error, NoiseSource, Result, SchedulerTensor};
 use serde::Deserialize;
 
 use crate::common::{
-    PredictionType, TimestepSchedule, TimestepSpacing, check_steps, check_steps_offset,
-    spaced_timesteps,
+    PredictionType, TimestepSchedule, TimestepSpacing, check_steps_offset, spaced_timesteps,
+    step_count,
 };
 use crate::schedule::{BetaSchedule, NoiseSchedule, check_not_sigmoid, check_same_shape};
 use crate::scheduler::{Scheduler, StepOutput};
@@ -286,14 +286,9 @@ impl<T: SchedulerTensor> Scheduler<T> for PndmScheduler<T> {
     }
 
     fn set_timestep_schedule(&mut self, schedule: TimestepSchedule) -> Result<()> {
-        let TimestepSchedule::Steps(n) = schedule else {
-            return Err(Error::Unsupported(
-                "PNDMScheduler takes a step count, not custom timesteps or sigmas".into(),
-            ));
-        };
+        let n = step_count("PNDMScheduler", schedule, self.config.num_train_timesteps)?;
         let c = &self.config;
         let n_train = c.num_train_timesteps;
-        check_steps(n, n_train)?;
         // increasing, as diffusers' `_timesteps`
         let mut base = spaced_timesteps(c.timestep_spacing, n_train, n, c.steps_offset);
         base.reverse();

@@ -242,10 +242,7 @@ impl NoiseSchedule {
 
     /// Karras-style noise levels `sigma_t = sqrt((1 - alpha_bar_t) / alpha_bar_t)`.
     pub fn sigmas(&self) -> Vec<f64> {
-        self.alphas_cumprod
-            .iter()
-            .map(|a| ((1.0 - a) / a).sqrt())
-            .collect()
+        sigmas_from_alphas_cumprod(&self.alphas_cumprod)
     }
 
     fn per_batch_alpha_bar<T: SchedulerTensor>(
@@ -306,6 +303,15 @@ pub fn check_not_sigmoid(
         ));
     }
     Ok(())
+}
+
+/// Karras-style noise levels `sigma_t = sqrt((1 - alpha_bar_t) / alpha_bar_t)` of an
+/// `alphas_cumprod` table.
+pub fn sigmas_from_alphas_cumprod(alphas_cumprod: &[f64]) -> Vec<f64> {
+    alphas_cumprod
+        .iter()
+        .map(|a| ((1.0 - a) / a).sqrt())
+        .collect()
 }
 
 /// The batch size of `x`: its first dimension (1 for a scalar).
