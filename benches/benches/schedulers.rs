@@ -39,7 +39,8 @@ fn bench(c: &mut Criterion) {
 
     let mut group = c.benchmark_group("step [1,4,64,64]");
     for name in registry::CLASS_NAMES {
-        let s = std::cell::RefCell::new(registry::from_config::<HostTensor>(name, &config).unwrap());
+        let s =
+            std::cell::RefCell::new(registry::from_config::<HostTensor>(name, &config).unwrap());
         group.bench_function(BenchmarkId::from_parameter(name), |b| {
             // A fresh run per batch of iterations keeps multistep state realistic.
             b.iter_batched(

@@ -8,8 +8,8 @@
 
 use std::path::Path;
 
-use serde::de::{self, DeserializeOwned, Deserializer};
 use serde::Deserialize;
+use serde::de::{self, DeserializeOwned, Deserializer};
 use serde_json::{Map, Value};
 
 use crate::error::{Error, Result};
@@ -149,7 +149,9 @@ fn marker_to_f64<E: de::Error>(v: NumberOrMarker) -> Result<f64, E> {
             NAN => Ok(f64::NAN),
             INFINITY => Ok(f64::INFINITY),
             NEG_INFINITY => Ok(f64::NEG_INFINITY),
-            other => Err(E::custom(format!("expected a number, found string {other:?}"))),
+            other => Err(E::custom(format!(
+                "expected a number, found string {other:?}"
+            ))),
         },
     }
 }
@@ -185,7 +187,8 @@ mod tests {
 
     #[test]
     fn parses_python_non_finite_tokens() {
-        let text = r#"{"a": -Infinity, "b": NaN, "c": null, "s": "Infinity \"NaN\"", "_class_name": "X"}"#;
+        let text =
+            r#"{"a": -Infinity, "b": NaN, "c": null, "s": "Infinity \"NaN\"", "_class_name": "X"}"#;
         let map = ConfigMap::parse(text, "test").unwrap();
         let p: Probe = map.deserialize("test").unwrap();
         assert_eq!(p.a, f64::NEG_INFINITY);
@@ -197,8 +200,14 @@ mod tests {
 
     #[test]
     fn rejects_non_objects_and_garbage() {
-        assert!(matches!(ConfigMap::parse("[1, 2]", "t"), Err(Error::Json { .. })));
-        assert!(matches!(ConfigMap::parse("{\"a\": ", "t"), Err(Error::Json { .. })));
+        assert!(matches!(
+            ConfigMap::parse("[1, 2]", "t"),
+            Err(Error::Json { .. })
+        ));
+        assert!(matches!(
+            ConfigMap::parse("{\"a\": ", "t"),
+            Err(Error::Json { .. })
+        ));
         let map = ConfigMap::parse(r#"{"a": "Infinityx", "s": ""}"#, "t").unwrap();
         assert!(map.deserialize::<Probe>("t").is_err());
     }

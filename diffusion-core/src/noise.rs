@@ -44,7 +44,9 @@ impl SeededNoise {
 impl NoiseSource for SeededNoise {
     fn sample(&mut self, shape: &[usize]) -> Result<Vec<f64>> {
         let n: usize = shape.iter().product();
-        Ok((0..n).map(|_| StandardNormal.sample(&mut self.rng)).collect())
+        Ok((0..n)
+            .map(|_| StandardNormal.sample(&mut self.rng))
+            .collect())
     }
 }
 

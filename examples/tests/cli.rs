@@ -31,7 +31,9 @@ fn flatten(v: &Value, out: &mut Vec<f32>) {
 }
 
 fn expected_images(name: &str) -> (Vec<usize>, Vec<f32>) {
-    let bytes = std::fs::read(root().join("diffusion-pipelines/tests/fixtures/pipelines.safetensors")).unwrap();
+    let bytes =
+        std::fs::read(root().join("diffusion-pipelines/tests/fixtures/pipelines.safetensors"))
+            .unwrap();
     let st = safetensors::SafeTensors::deserialize(&bytes).unwrap();
     let t = st.tensor(name).unwrap();
     let data = t
@@ -47,22 +49,37 @@ fn expected_images(name: &str) -> (Vec<usize>, Vec<f32>) {
 #[test]
 fn cli_matches_diffusers() {
     let meta: Value = serde_json::from_str(
-        &std::fs::read_to_string(root().join("diffusion-pipelines/tests/fixtures/pipelines.json")).unwrap(),
+        &std::fs::read_to_string(root().join("diffusion-pipelines/tests/fixtures/pipelines.json"))
+            .unwrap(),
     )
     .unwrap();
     let dir = tempfile::tempdir().unwrap();
     let mut checked = 0;
     for case in meta["cases"].as_array().unwrap() {
         let name = case["name"].as_str().unwrap();
-        let deterministic = ["ddim", "euler", "dpm++2m", "unipc", "pndm"].contains(&case["scheduler"].as_str().unwrap());
-        if case["kind"] != "txt2img" || !deterministic || !case["prompt"].is_string() || case.get("eta").is_some() || case.get("clip_skip").is_some() {
+        let deterministic = ["ddim", "euler", "dpm++2m", "unipc", "pndm"]
+            .contains(&case["scheduler"].as_str().unwrap());
+        if case["kind"] != "txt2img"
+            || !deterministic
+            || !case["prompt"].is_string()
+            || case.get("eta").is_some()
+            || case.get("clip_skip").is_some()
+        {
             continue;
         }
         let mut latents = Vec::new();
         flatten(&case["latents"], &mut latents);
-        let (lh, lw) = (case["height"].as_u64().unwrap() as usize / 2, case["width"].as_u64().unwrap() as usize / 2);
+        let (lh, lw) = (
+            case["height"].as_u64().unwrap() as usize / 2,
+            case["width"].as_u64().unwrap() as usize / 2,
+        );
         let lat_path = dir.path().join("latents.npy");
-        NpyArray { shape: vec![1, 4, lh, lw], data: latents }.write(&lat_path).unwrap();
+        NpyArray {
+            shape: vec![1, 4, lh, lw],
+            data: latents,
+        }
+        .write(&lat_path)
+        .unwrap();
         let npy = dir.path().join("out.npy");
         let png = dir.path().join("out.png");
         let steps = case["num_inference_steps"].to_string();
@@ -91,15 +108,29 @@ fn cli_matches_diffusers() {
             args.extend(["--negative-prompt", neg]);
         }
         let out = diffusion(&args);
-        assert!(out.status.success(), "{name}: {}", String::from_utf8_lossy(&out.stderr));
+        assert!(
+            out.status.success(),
+            "{name}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
         let got = NpyArray::read(&npy).unwrap();
         let (shape, want) = expected_images(name);
         assert_eq!(got.shape, shape, "{name}");
-        let err = got.data.iter().zip(&want).map(|(a, b)| (a - b).abs()).fold(0f32, f32::max);
+        let err = got
+            .data
+            .iter()
+            .zip(&want)
+            .map(|(a, b)| (a - b).abs())
+            .fold(0f32, f32::max);
         assert!(err <= 1e-3, "{name}: max abs error {err}");
         // The PNG is the same image, rounded to 8 bits.
         let img = RgbImage::open(&png).unwrap();
-        let back = img.pixels.iter().zip(&got.data).map(|(p, v)| (*p as f32 / 255.0 - v).abs()).fold(0f32, f32::max);
+        let back = img
+            .pixels
+            .iter()
+            .zip(&got.data)
+            .map(|(p, v)| (*p as f32 / 255.0 - v).abs())
+            .fold(0f32, f32::max);
         assert!(back <= 0.5 / 255.0 + 1e-6, "{name}: png rounding {back}");
         checked += 1;
     }
@@ -125,35 +156,117 @@ fn bad_inputs_fail_with_one_line() {
     // Missing model part.
     let broken = dir.path().join("broken");
     std::fs::create_dir_all(&broken).unwrap();
-    for entry in ["model_index.json", "scheduler", "text_encoder", "tokenizer", "unet"] {
+    for entry in [
+        "model_index.json",
+        "scheduler",
+        "text_encoder",
+        "tokenizer",
+        "unet",
+    ] {
         copy_recursively(&model("sd1-tiny").join(entry), &broken.join(entry));
     }
-    let out = diffusion(&["generate", "--model", broken.to_str().unwrap(), "--prompt", "x", "--steps", "1", "--output", &p("a.png")]);
+    let out = diffusion(&[
+        "generate",
+        "--model",
+        broken.to_str().unwrap(),
+        "--prompt",
+        "x",
+        "--steps",
+        "1",
+        "--output",
+        &p("a.png"),
+    ]);
     assert_one_line_error(&out, "vae");
 
     // Unknown scheduler.
-    let out = diffusion(&["generate", "--model", sd1, "--prompt", "x", "--scheduler", "warp-drive", "--output", &p("a.png")]);
+    let out = diffusion(&[
+        "generate",
+        "--model",
+        sd1,
+        "--prompt",
+        "x",
+        "--scheduler",
+        "warp-drive",
+        "--output",
+        &p("a.png"),
+    ]);
     assert_one_line_error(&out, "unknown scheduler");
 
     // Unreadable latents file.
     std::fs::write(p("bad.npy"), b"not an npy file").unwrap();
-    let out = diffusion(&["generate", "--model", sd1, "--prompt", "x", "--latents", &p("bad.npy"), "--output", &p("a.png")]);
+    let out = diffusion(&[
+        "generate",
+        "--model",
+        sd1,
+        "--prompt",
+        "x",
+        "--latents",
+        &p("bad.npy"),
+        "--output",
+        &p("a.png"),
+    ]);
     assert_one_line_error(&out, "bad.npy");
 
     // Strength outside (0, 1].
-    let img = RgbImage { width: 16, height: 16, pixels: vec![128; 16 * 16 * 3] };
+    let img = RgbImage {
+        width: 16,
+        height: 16,
+        pixels: vec![128; 16 * 16 * 3],
+    };
     img.save_png(p("init.png"), &[]).unwrap();
-    let out = diffusion(&["generate", "--model", sd1, "--prompt", "x", "--init-image", &p("init.png"), "--strength", "1.5", "--output", &p("a.png")]);
+    let out = diffusion(&[
+        "generate",
+        "--model",
+        sd1,
+        "--prompt",
+        "x",
+        "--init-image",
+        &p("init.png"),
+        "--strength",
+        "1.5",
+        "--output",
+        &p("a.png"),
+    ]);
     assert_one_line_error(&out, "strength");
 
     // Wrong image size (not a multiple of 8) and a mask of another size.
-    let odd = RgbImage { width: 12, height: 16, pixels: vec![128; 12 * 16 * 3] };
+    let odd = RgbImage {
+        width: 12,
+        height: 16,
+        pixels: vec![128; 12 * 16 * 3],
+    };
     odd.save_png(p("odd.png"), &[]).unwrap();
-    let out = diffusion(&["generate", "--model", sd1, "--prompt", "x", "--init-image", &p("odd.png"), "--output", &p("a.png")]);
+    let out = diffusion(&[
+        "generate",
+        "--model",
+        sd1,
+        "--prompt",
+        "x",
+        "--init-image",
+        &p("odd.png"),
+        "--output",
+        &p("a.png"),
+    ]);
     assert_one_line_error(&out, "multiples of 8");
-    let small = RgbImage { width: 8, height: 8, pixels: vec![255; 8 * 8 * 3] };
+    let small = RgbImage {
+        width: 8,
+        height: 8,
+        pixels: vec![255; 8 * 8 * 3],
+    };
     small.save_png(p("mask.png"), &[]).unwrap();
-    let out = diffusion(&["generate", "--model", sd1, "--prompt", "x", "--init-image", &p("init.png"), "--mask", &p("mask.png"), "--output", &p("a.png")]);
+    let out = diffusion(&[
+        "generate",
+        "--model",
+        sd1,
+        "--prompt",
+        "x",
+        "--init-image",
+        &p("init.png"),
+        "--mask",
+        &p("mask.png"),
+        "--output",
+        &p("a.png"),
+    ]);
     assert_one_line_error(&out, "mask");
 
     // Nothing was written by the failed runs.
@@ -164,14 +277,21 @@ fn bad_inputs_fail_with_one_line() {
 fn tokenize_and_info() {
     let sd1 = model("sd1-tiny");
     let out = diffusion(&["tokenize", "--model", sd1.to_str().unwrap(), "a red circle"]);
-    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     let ids: Vec<u32> = serde_json::from_slice(&out.stdout).unwrap();
     assert_eq!(ids.len(), 77);
     assert_eq!(ids[0], 998);
     let out = diffusion(&["info", "--model", sd1.to_str().unwrap()]);
     assert!(out.status.success());
     let text = String::from_utf8_lossy(&out.stdout);
-    assert!(text.contains("unet: UNet2DConditionModel") && text.contains("parameters"), "{text}");
+    assert!(
+        text.contains("unet: UNet2DConditionModel") && text.contains("parameters"),
+        "{text}"
+    );
 }
 
 fn copy_recursively(from: &Path, to: &Path) {

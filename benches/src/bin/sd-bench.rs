@@ -27,7 +27,12 @@ struct Args {
 }
 
 fn parse() -> Args {
-    let mut a = Args { device: "cpu".into(), size: 512, batch: 2, iters: 5 };
+    let mut a = Args {
+        device: "cpu".into(),
+        size: 512,
+        batch: 2,
+        iters: 5,
+    };
     let argv: Vec<String> = std::env::args().skip(1).collect();
     let mut i = 0;
     while i + 1 < argv.len() {
@@ -77,23 +82,36 @@ fn run<B: Backend>(args: &Args, device: &B::Device, name: &str) -> Result<()> {
     drop(clip);
 
     let unet = UNet2DConditionConfig::sd_v1_5().init::<B>(device)?;
-    let x = Tensor::<B, 4>::random([b, 4, lat, lat], burn::tensor::Distribution::Normal(0.0, 1.0), device);
+    let x = Tensor::<B, 4>::random(
+        [b, 4, lat, lat],
+        burn::tensor::Distribution::Normal(0.0, 1.0),
+        device,
+    );
     let t = Tensor::<B, 1>::from_floats([500.0], device);
     let cond = UNetConditioning::default();
     let (f, m, s) = time(args.iters, || {
-        let out = unet.forward(x.clone(), t.clone(), context.clone(), &cond).expect("unet");
+        let out = unet
+            .forward(x.clone(), t.clone(), context.clone(), &cond)
+            .expect("unet");
         let _ = out.slice([0..1, 0..1, 0..1, 0..1]).into_data();
     });
     println!("| SD1.5 U-Net (859.5M) | {b}x4x{lat}x{lat} | {f:.1} | {m:.1} | {s:.1} | {name} |");
     drop(unet);
 
     let vae = AutoencoderKLConfig::sd_v1_5().init::<B>(device)?;
-    let z = Tensor::<B, 4>::random([1, 4, lat, lat], burn::tensor::Distribution::Normal(0.0, 1.0), device);
+    let z = Tensor::<B, 4>::random(
+        [1, 4, lat, lat],
+        burn::tensor::Distribution::Normal(0.0, 1.0),
+        device,
+    );
     let (f, m, s) = time(args.iters.min(3), || {
         let out = vae.decode(z.clone()).expect("vae");
         let _ = out.slice([0..1, 0..1, 0..1, 0..1]).into_data();
     });
-    println!("| SD1.5 VAE decode | 1x4x{lat}x{lat} -> {0}x{0} | {f:.1} | {m:.1} | {s:.1} | {name} |", args.size);
+    println!(
+        "| SD1.5 VAE decode | 1x4x{lat}x{lat} -> {0}x{0} | {f:.1} | {m:.1} | {s:.1} | {name} |",
+        args.size
+    );
     drop(vae);
 
     let mut sched = registry::from_config::<BurnTensor<B, 4>>("dpm++2m", &ConfigMap::new())?;
@@ -104,10 +122,19 @@ fn run<B: Backend>(args: &Args, device: &B::Device, name: &str) -> Result<()> {
     let mut k = 0;
     let (f, m, s) = time(args.iters.max(20), || {
         let out = sched
-            .step(&lat_t, ts[k], &lat_t, &mut diffusion_pipelines::core::NoNoise)
+            .step(
+                &lat_t,
+                ts[k],
+                &lat_t,
+                &mut diffusion_pipelines::core::NoNoise,
+            )
             .expect("step");
         k += 1;
-        let _ = out.prev_sample.0.slice([0..1, 0..1, 0..1, 0..1]).into_data();
+        let _ = out
+            .prev_sample
+            .0
+            .slice([0..1, 0..1, 0..1, 0..1])
+            .into_data();
     });
     println!("| DPM-Solver++(2M) step | 1x4x{lat}x{lat} | {f:.2} | {m:.2} | {s:.2} | {name} |");
     Ok(())
