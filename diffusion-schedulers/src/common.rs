@@ -9,6 +9,39 @@ use crate::schedule::{
     NoiseSchedule, batch_size, check_same_shape, per_batch, sigmas_from_alphas_cumprod,
 };
 
+/// Declares a sampler's config struct with each key's diffusers default written next to it
+/// (`pub key: Type = default,`, as in the class's Python `__init__`): the struct, read with
+/// `#[serde(default)]` so absent keys take their defaults, and its `Default` impl.
+macro_rules! config_struct {
+    (
+        $(#[$meta:meta])*
+        $vis:vis struct $name:ident {
+            $(
+                $(#[$field_meta:meta])*
+                $field_vis:vis $field:ident : $ty:ty = $default:expr
+            ),* $(,)?
+        }
+    ) => {
+        $(#[$meta])*
+        #[serde(default)]
+        $vis struct $name {
+            $(
+                $(#[$field_meta])*
+                $field_vis $field: $ty,
+            )*
+        }
+
+        impl Default for $name {
+            fn default() -> Self {
+                Self {
+                    $($field: $default,)*
+                }
+            }
+        }
+    };
+}
+pub(crate) use config_struct;
+
 /// The `prediction_type` key: what the model predicts.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, Default)]
 #[serde(rename_all = "snake_case")]

@@ -6,72 +6,51 @@ use diffusion_core::{ConfigMap, Error, NoiseSource, Result, SchedulerTensor};
 use serde::Deserialize;
 
 use crate::common::{
-    PredictionType, TimestepSchedule, TimestepSpacing, check_steps_offset, dynamic_threshold,
-    spaced_timesteps, step_count, vp_pred_eps, vp_pred_x0,
+    PredictionType, TimestepSchedule, TimestepSpacing, check_steps_offset, config_struct,
+    dynamic_threshold, spaced_timesteps, step_count, vp_pred_eps, vp_pred_x0,
 };
 use crate::schedule::{BetaSchedule, NoiseSchedule};
 use crate::scheduler::{Scheduler, StepOutput};
 
-/// The keys of a `DDIMScheduler` `scheduler_config.json`, with diffusers' defaults.
-#[derive(Debug, Clone, PartialEq, Deserialize)]
-#[serde(default)]
-pub struct DdimConfig {
-    /// Training timesteps.
-    pub num_train_timesteps: usize,
-    /// First beta.
-    #[serde(deserialize_with = "lenient_f64")]
-    pub beta_start: f64,
-    /// Last beta.
-    #[serde(deserialize_with = "lenient_f64")]
-    pub beta_end: f64,
-    /// Beta schedule.
-    pub beta_schedule: BetaSchedule,
-    /// Explicit betas, overriding the schedule.
-    pub trained_betas: Option<Vec<f64>>,
-    /// Clip the predicted `x0` to `[-clip_sample_range, clip_sample_range]`.
-    pub clip_sample: bool,
-    /// Use `alpha_bar = 1` after the last step (otherwise `alphas_cumprod[0]`).
-    pub set_alpha_to_one: bool,
-    /// Added to every timestep with `leading` spacing.
-    pub steps_offset: usize,
-    /// What the model predicts.
-    pub prediction_type: PredictionType,
-    /// Imagen-style dynamic thresholding of `x0`.
-    pub thresholding: bool,
-    /// Quantile used by dynamic thresholding.
-    #[serde(deserialize_with = "lenient_f64")]
-    pub dynamic_thresholding_ratio: f64,
-    /// Clip range for `clip_sample`.
-    #[serde(deserialize_with = "lenient_f64")]
-    pub clip_sample_range: f64,
-    /// Upper bound of the dynamic threshold.
-    #[serde(deserialize_with = "lenient_f64")]
-    pub sample_max_value: f64,
-    /// How inference timesteps are placed.
-    pub timestep_spacing: TimestepSpacing,
-    /// Rescale betas to zero terminal SNR.
-    pub rescale_betas_zero_snr: bool,
-}
-
-impl Default for DdimConfig {
-    fn default() -> Self {
-        Self {
-            num_train_timesteps: 1000,
-            beta_start: 0.0001,
-            beta_end: 0.02,
-            beta_schedule: BetaSchedule::Linear,
-            trained_betas: None,
-            clip_sample: true,
-            set_alpha_to_one: true,
-            steps_offset: 0,
-            prediction_type: PredictionType::Epsilon,
-            thresholding: false,
-            dynamic_thresholding_ratio: 0.995,
-            clip_sample_range: 1.0,
-            sample_max_value: 1.0,
-            timestep_spacing: TimestepSpacing::Leading,
-            rescale_betas_zero_snr: false,
-        }
+config_struct! {
+    /// The keys of a `DDIMScheduler` `scheduler_config.json`, with diffusers' defaults.
+    #[derive(Debug, Clone, PartialEq, Deserialize)]
+    pub struct DdimConfig {
+        /// Training timesteps.
+        pub num_train_timesteps: usize = 1000,
+        /// First beta.
+        #[serde(deserialize_with = "lenient_f64")]
+        pub beta_start: f64 = 0.0001,
+        /// Last beta.
+        #[serde(deserialize_with = "lenient_f64")]
+        pub beta_end: f64 = 0.02,
+        /// Beta schedule.
+        pub beta_schedule: BetaSchedule = BetaSchedule::Linear,
+        /// Explicit betas, overriding the schedule.
+        pub trained_betas: Option<Vec<f64>> = None,
+        /// Clip the predicted `x0` to `[-clip_sample_range, clip_sample_range]`.
+        pub clip_sample: bool = true,
+        /// Use `alpha_bar = 1` after the last step (otherwise `alphas_cumprod[0]`).
+        pub set_alpha_to_one: bool = true,
+        /// Added to every timestep with `leading` spacing.
+        pub steps_offset: usize = 0,
+        /// What the model predicts.
+        pub prediction_type: PredictionType = PredictionType::Epsilon,
+        /// Imagen-style dynamic thresholding of `x0`.
+        pub thresholding: bool = false,
+        /// Quantile used by dynamic thresholding.
+        #[serde(deserialize_with = "lenient_f64")]
+        pub dynamic_thresholding_ratio: f64 = 0.995,
+        /// Clip range for `clip_sample`.
+        #[serde(deserialize_with = "lenient_f64")]
+        pub clip_sample_range: f64 = 1.0,
+        /// Upper bound of the dynamic threshold.
+        #[serde(deserialize_with = "lenient_f64")]
+        pub sample_max_value: f64 = 1.0,
+        /// How inference timesteps are placed.
+        pub timestep_spacing: TimestepSpacing = TimestepSpacing::Leading,
+        /// Rescale betas to zero terminal SNR.
+        pub rescale_betas_zero_snr: bool = false,
     }
 }
 

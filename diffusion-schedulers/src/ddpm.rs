@@ -8,7 +8,7 @@ use serde::{Deserialize, Serialize};
 
 use crate::common::{
     PredictionType, TimestepSchedule, TimestepSpacing, check_integer_timesteps, check_steps,
-    check_steps_offset, dynamic_threshold, spaced_timesteps, vp_pred_x0,
+    check_steps_offset, config_struct, dynamic_threshold, spaced_timesteps, vp_pred_x0,
 };
 use crate::schedule::{BetaSchedule, NoiseSchedule, check_same_shape};
 use crate::scheduler::{Scheduler, StepOutput};
@@ -72,66 +72,45 @@ impl VarianceType {
     }
 }
 
-/// The keys of a `DDPMScheduler` `scheduler_config.json`, with diffusers' defaults.
-#[derive(Debug, Clone, PartialEq, Deserialize)]
-#[serde(default)]
-pub struct DdpmConfig {
-    /// Training timesteps.
-    pub num_train_timesteps: usize,
-    /// First beta.
-    #[serde(deserialize_with = "lenient_f64")]
-    pub beta_start: f64,
-    /// Last beta.
-    #[serde(deserialize_with = "lenient_f64")]
-    pub beta_end: f64,
-    /// Beta schedule.
-    pub beta_schedule: DdpmBetaSchedule,
-    /// Explicit betas, overriding the schedule.
-    pub trained_betas: Option<Vec<f64>>,
-    /// Variance of the noise added at each step.
-    pub variance_type: VarianceType,
-    /// Clip the predicted `x0` to `[-clip_sample_range, clip_sample_range]`.
-    pub clip_sample: bool,
-    /// What the model predicts.
-    pub prediction_type: PredictionType,
-    /// Imagen-style dynamic thresholding of `x0`.
-    pub thresholding: bool,
-    /// Quantile used by dynamic thresholding.
-    #[serde(deserialize_with = "lenient_f64")]
-    pub dynamic_thresholding_ratio: f64,
-    /// Clip range for `clip_sample`.
-    #[serde(deserialize_with = "lenient_f64")]
-    pub clip_sample_range: f64,
-    /// Upper bound of the dynamic threshold.
-    #[serde(deserialize_with = "lenient_f64")]
-    pub sample_max_value: f64,
-    /// How inference timesteps are placed.
-    pub timestep_spacing: TimestepSpacing,
-    /// Added to every timestep with `leading` spacing.
-    pub steps_offset: usize,
-    /// Rescale betas to zero terminal SNR.
-    pub rescale_betas_zero_snr: bool,
-}
-
-impl Default for DdpmConfig {
-    fn default() -> Self {
-        Self {
-            num_train_timesteps: 1000,
-            beta_start: 0.0001,
-            beta_end: 0.02,
-            beta_schedule: DdpmBetaSchedule::Linear,
-            trained_betas: None,
-            variance_type: VarianceType::FixedSmall,
-            clip_sample: true,
-            prediction_type: PredictionType::Epsilon,
-            thresholding: false,
-            dynamic_thresholding_ratio: 0.995,
-            clip_sample_range: 1.0,
-            sample_max_value: 1.0,
-            timestep_spacing: TimestepSpacing::Leading,
-            steps_offset: 0,
-            rescale_betas_zero_snr: false,
-        }
+config_struct! {
+    /// The keys of a `DDPMScheduler` `scheduler_config.json`, with diffusers' defaults.
+    #[derive(Debug, Clone, PartialEq, Deserialize)]
+    pub struct DdpmConfig {
+        /// Training timesteps.
+        pub num_train_timesteps: usize = 1000,
+        /// First beta.
+        #[serde(deserialize_with = "lenient_f64")]
+        pub beta_start: f64 = 0.0001,
+        /// Last beta.
+        #[serde(deserialize_with = "lenient_f64")]
+        pub beta_end: f64 = 0.02,
+        /// Beta schedule.
+        pub beta_schedule: DdpmBetaSchedule = DdpmBetaSchedule::Linear,
+        /// Explicit betas, overriding the schedule.
+        pub trained_betas: Option<Vec<f64>> = None,
+        /// Variance of the noise added at each step.
+        pub variance_type: VarianceType = VarianceType::FixedSmall,
+        /// Clip the predicted `x0` to `[-clip_sample_range, clip_sample_range]`.
+        pub clip_sample: bool = true,
+        /// What the model predicts.
+        pub prediction_type: PredictionType = PredictionType::Epsilon,
+        /// Imagen-style dynamic thresholding of `x0`.
+        pub thresholding: bool = false,
+        /// Quantile used by dynamic thresholding.
+        #[serde(deserialize_with = "lenient_f64")]
+        pub dynamic_thresholding_ratio: f64 = 0.995,
+        /// Clip range for `clip_sample`.
+        #[serde(deserialize_with = "lenient_f64")]
+        pub clip_sample_range: f64 = 1.0,
+        /// Upper bound of the dynamic threshold.
+        #[serde(deserialize_with = "lenient_f64")]
+        pub sample_max_value: f64 = 1.0,
+        /// How inference timesteps are placed.
+        pub timestep_spacing: TimestepSpacing = TimestepSpacing::Leading,
+        /// Added to every timestep with `leading` spacing.
+        pub steps_offset: usize = 0,
+        /// Rescale betas to zero terminal SNR.
+        pub rescale_betas_zero_snr: bool = false,
     }
 }
 

@@ -13,8 +13,9 @@ use serde::Deserialize;
 
 use crate::common::{
     ModelOutputs, PredictionType, SigmaSpacing, StepIndex, TimestepSchedule, TimestepSpacing,
-    dynamic_threshold, multistep_order, multistep_timesteps, reject_flow_keys, step_count,
-    vp_add_noise, vp_alpha_sigma, vp_inference_sigmas, vp_lambda, vp_pred_x0, vp_sigma_min,
+    config_struct, dynamic_threshold, multistep_order, multistep_timesteps, reject_flow_keys,
+    step_count, vp_add_noise, vp_alpha_sigma, vp_inference_sigmas, vp_lambda, vp_pred_x0,
+    vp_sigma_min,
 };
 use crate::schedule::{BetaSchedule, NoiseSchedule, check_not_sigmoid, check_same_shape};
 use crate::scheduler::{Scheduler, StepOutput};
@@ -45,87 +46,59 @@ pub enum DeisSolverType {
     LogRho,
 }
 
-/// The keys of a `DEISMultistepScheduler` `scheduler_config.json`, with diffusers' defaults.
-#[derive(Debug, Clone, PartialEq, Deserialize)]
-#[serde(default)]
-pub struct DeisConfig {
-    /// Training timesteps.
-    pub num_train_timesteps: usize,
-    /// First beta.
-    #[serde(deserialize_with = "lenient_f64")]
-    pub beta_start: f64,
-    /// Last beta.
-    #[serde(deserialize_with = "lenient_f64")]
-    pub beta_end: f64,
-    /// Beta schedule (`linear`, `scaled_linear` or `squaredcos_cap_v2`).
-    pub beta_schedule: BetaSchedule,
-    /// Explicit betas, overriding the schedule.
-    pub trained_betas: Option<Vec<f64>>,
-    /// Order of the multistep method: 1, 2 or 3.
-    pub solver_order: usize,
-    /// What the model predicts.
-    pub prediction_type: PredictionType,
-    /// Imagen-style dynamic thresholding of the predicted `x0`.
-    pub thresholding: bool,
-    /// Quantile used by dynamic thresholding.
-    #[serde(deserialize_with = "lenient_f64")]
-    pub dynamic_thresholding_ratio: f64,
-    /// Upper bound of the dynamic threshold.
-    #[serde(deserialize_with = "lenient_f64")]
-    pub sample_max_value: f64,
-    /// Integrator; only `deis`.
-    pub algorithm_type: DeisAlgorithmType,
-    /// Extrapolation variable; only `logrho`.
-    pub solver_type: DeisSolverType,
-    /// Lower the order over the last two steps of runs shorter than 15 steps.
-    pub lower_order_final: bool,
-    /// Karras et al. 2022 noise levels.
-    pub use_karras_sigmas: bool,
-    /// Noise levels evenly spaced in log space.
-    pub use_exponential_sigmas: bool,
-    /// Beta-distribution noise levels (Lee et al. 2024).
-    pub use_beta_sigmas: bool,
-    /// Flow-matching sigmas; not supported (must be false).
-    pub use_flow_sigmas: bool,
-    /// Flow-matching shift; only the default 1.0 is accepted.
-    #[serde(deserialize_with = "lenient_f64")]
-    pub flow_shift: f64,
-    /// How inference timesteps are placed.
-    pub timestep_spacing: TimestepSpacing,
-    /// Added to every timestep with `leading` spacing.
-    pub steps_offset: usize,
-    /// Flow-matching dynamic shifting; not supported (must be false).
-    pub use_dynamic_shifting: bool,
-    /// Flow-matching time shift; only `"exponential"` (the default, unused) is accepted.
-    pub time_shift_type: String,
-}
-
-impl Default for DeisConfig {
-    fn default() -> Self {
-        Self {
-            num_train_timesteps: 1000,
-            beta_start: 0.0001,
-            beta_end: 0.02,
-            beta_schedule: BetaSchedule::Linear,
-            trained_betas: None,
-            solver_order: 2,
-            prediction_type: PredictionType::Epsilon,
-            thresholding: false,
-            dynamic_thresholding_ratio: 0.995,
-            sample_max_value: 1.0,
-            algorithm_type: DeisAlgorithmType::Deis,
-            solver_type: DeisSolverType::LogRho,
-            lower_order_final: true,
-            use_karras_sigmas: false,
-            use_exponential_sigmas: false,
-            use_beta_sigmas: false,
-            use_flow_sigmas: false,
-            flow_shift: 1.0,
-            timestep_spacing: TimestepSpacing::Linspace,
-            steps_offset: 0,
-            use_dynamic_shifting: false,
-            time_shift_type: "exponential".into(),
-        }
+config_struct! {
+    /// The keys of a `DEISMultistepScheduler` `scheduler_config.json`, with diffusers' defaults.
+    #[derive(Debug, Clone, PartialEq, Deserialize)]
+    pub struct DeisConfig {
+        /// Training timesteps.
+        pub num_train_timesteps: usize = 1000,
+        /// First beta.
+        #[serde(deserialize_with = "lenient_f64")]
+        pub beta_start: f64 = 0.0001,
+        /// Last beta.
+        #[serde(deserialize_with = "lenient_f64")]
+        pub beta_end: f64 = 0.02,
+        /// Beta schedule (`linear`, `scaled_linear` or `squaredcos_cap_v2`).
+        pub beta_schedule: BetaSchedule = BetaSchedule::Linear,
+        /// Explicit betas, overriding the schedule.
+        pub trained_betas: Option<Vec<f64>> = None,
+        /// Order of the multistep method: 1, 2 or 3.
+        pub solver_order: usize = 2,
+        /// What the model predicts.
+        pub prediction_type: PredictionType = PredictionType::Epsilon,
+        /// Imagen-style dynamic thresholding of the predicted `x0`.
+        pub thresholding: bool = false,
+        /// Quantile used by dynamic thresholding.
+        #[serde(deserialize_with = "lenient_f64")]
+        pub dynamic_thresholding_ratio: f64 = 0.995,
+        /// Upper bound of the dynamic threshold.
+        #[serde(deserialize_with = "lenient_f64")]
+        pub sample_max_value: f64 = 1.0,
+        /// Integrator; only `deis`.
+        pub algorithm_type: DeisAlgorithmType = DeisAlgorithmType::Deis,
+        /// Extrapolation variable; only `logrho`.
+        pub solver_type: DeisSolverType = DeisSolverType::LogRho,
+        /// Lower the order over the last two steps of runs shorter than 15 steps.
+        pub lower_order_final: bool = true,
+        /// Karras et al. 2022 noise levels.
+        pub use_karras_sigmas: bool = false,
+        /// Noise levels evenly spaced in log space.
+        pub use_exponential_sigmas: bool = false,
+        /// Beta-distribution noise levels (Lee et al. 2024).
+        pub use_beta_sigmas: bool = false,
+        /// Flow-matching sigmas; not supported (must be false).
+        pub use_flow_sigmas: bool = false,
+        /// Flow-matching shift; only the default 1.0 is accepted.
+        #[serde(deserialize_with = "lenient_f64")]
+        pub flow_shift: f64 = 1.0,
+        /// How inference timesteps are placed.
+        pub timestep_spacing: TimestepSpacing = TimestepSpacing::Linspace,
+        /// Added to every timestep with `leading` spacing.
+        pub steps_offset: usize = 0,
+        /// Flow-matching dynamic shifting; not supported (must be false).
+        pub use_dynamic_shifting: bool = false,
+        /// Flow-matching time shift; only `"exponential"` (the default, unused) is accepted.
+        pub time_shift_type: String = "exponential".into(),
     }
 }
 

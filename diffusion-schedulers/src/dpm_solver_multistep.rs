@@ -22,9 +22,10 @@ use serde_json::Value;
 
 use crate::common::{
     FinalSigmasType, ModelOutputs, PredictionType, SigmaSpacing, StepIndex, TimestepSchedule,
-    TimestepSpacing, VpInferenceSigmas, check_custom_timesteps, check_steps, dynamic_threshold,
-    finite_terminal_alphas_cumprod, linspace, multistep_order, multistep_timesteps, np_round,
-    sigma_to_t, vp_add_noise_at, vp_alpha_sigma, vp_inference_sigmas, vp_pred_eps, vp_pred_x0,
+    TimestepSpacing, VpInferenceSigmas, check_custom_timesteps, check_steps, config_struct,
+    dynamic_threshold, finite_terminal_alphas_cumprod, linspace, multistep_order,
+    multistep_timesteps, np_round, sigma_to_t, vp_add_noise_at, vp_alpha_sigma,
+    vp_inference_sigmas, vp_pred_eps, vp_pred_x0,
 };
 use crate::schedule::{BetaSchedule, NoiseSchedule, check_same_shape};
 use crate::scheduler::{Scheduler, StepOutput};
@@ -89,114 +90,80 @@ pub(crate) fn null_as_false<'de, D: Deserializer<'de>>(d: D) -> Result<bool, D::
     Ok(Option::<bool>::deserialize(d)?.unwrap_or(false))
 }
 
-/// The keys of a `DPMSolverMultistepScheduler` `scheduler_config.json`, with diffusers'
-/// defaults.
-#[derive(Debug, Clone, PartialEq, Deserialize)]
-#[serde(default)]
-pub struct DpmSolverMultistepConfig {
-    /// Training timesteps.
-    pub num_train_timesteps: usize,
-    /// First beta.
-    #[serde(deserialize_with = "lenient_f64")]
-    pub beta_start: f64,
-    /// Last beta.
-    #[serde(deserialize_with = "lenient_f64")]
-    pub beta_end: f64,
-    /// Beta schedule (`linear`, `scaled_linear` or `squaredcos_cap_v2`).
-    pub beta_schedule: BetaSchedule,
-    /// Explicit betas, overriding the schedule.
-    pub trained_betas: Option<Vec<f64>>,
-    /// Solver order, 1 to 3 (2 is recommended for guided sampling, 3 for unconditional).
-    pub solver_order: usize,
-    /// What the model predicts.
-    pub prediction_type: PredictionType,
-    /// Imagen-style dynamic thresholding of the predicted `x0`.
-    pub thresholding: bool,
-    /// Quantile used by dynamic thresholding.
-    #[serde(deserialize_with = "lenient_f64")]
-    pub dynamic_thresholding_ratio: f64,
-    /// Upper bound of the dynamic threshold.
-    #[serde(deserialize_with = "lenient_f64")]
-    pub sample_max_value: f64,
-    /// DPM-Solver or DPM-Solver++, deterministic or stochastic.
-    pub algorithm_type: AlgorithmType,
-    /// Midpoint or Heun form of the second-order update.
-    pub solver_type: SolverType,
-    /// Use lower orders for the last steps of runs shorter than 15 steps.
-    pub lower_order_final: bool,
-    /// Use a first-order (Euler) update for the last step.
-    pub euler_at_final: bool,
-    /// Karras et al. 2022 noise levels.
-    #[serde(deserialize_with = "null_as_false")]
-    pub use_karras_sigmas: bool,
-    /// Noise levels evenly spaced in log sigma.
-    #[serde(deserialize_with = "null_as_false")]
-    pub use_exponential_sigmas: bool,
-    /// Noise levels at Beta(0.6, 0.6) quantiles (Lee et al. 2024).
-    #[serde(deserialize_with = "null_as_false")]
-    pub use_beta_sigmas: bool,
-    /// Steps uniform in log-SNR `lambda`, as Lu et al. 2022a recommend.
-    #[serde(deserialize_with = "null_as_false")]
-    pub use_lu_lambdas: bool,
-    /// Flow-matching sigmas (not supported: must be `false`).
-    #[serde(deserialize_with = "null_as_false")]
-    pub use_flow_sigmas: bool,
-    /// Flow-matching shift (not supported: must be 1).
-    #[serde(deserialize_with = "diffusion_core::config::lenient_opt_f64")]
-    pub flow_shift: Option<f64>,
-    /// The noise level after the last step.
-    pub final_sigmas_type: FinalSigmasType,
-    /// Timesteps whose `lambda` is below this are not used (`-Infinity`: no clipping).
-    #[serde(deserialize_with = "lenient_f64")]
-    pub lambda_min_clipped: f64,
-    /// `"learned"` / `"learned_range"` when the model also outputs its variance (the
-    /// output then has twice the sample's channels; the variance half is dropped).
-    pub variance_type: Option<String>,
-    /// How inference timesteps are placed.
-    pub timestep_spacing: TimestepSpacing,
-    /// Added to every timestep with `leading` spacing.
-    pub steps_offset: usize,
-    /// Rescale betas to zero terminal SNR (Lin et al. 2023).
-    pub rescale_betas_zero_snr: bool,
-    /// Flow-matching dynamic shifting (not supported: must be `false`).
-    #[serde(deserialize_with = "null_as_false")]
-    pub use_dynamic_shifting: bool,
-    /// Flow-matching time-shift type (only `"exponential"` exists).
-    pub time_shift_type: String,
-}
-
-impl Default for DpmSolverMultistepConfig {
-    fn default() -> Self {
-        Self {
-            num_train_timesteps: 1000,
-            beta_start: 0.0001,
-            beta_end: 0.02,
-            beta_schedule: BetaSchedule::Linear,
-            trained_betas: None,
-            solver_order: 2,
-            prediction_type: PredictionType::Epsilon,
-            thresholding: false,
-            dynamic_thresholding_ratio: 0.995,
-            sample_max_value: 1.0,
-            algorithm_type: AlgorithmType::DpmSolverPlusPlus,
-            solver_type: SolverType::Midpoint,
-            lower_order_final: true,
-            euler_at_final: false,
-            use_karras_sigmas: false,
-            use_exponential_sigmas: false,
-            use_beta_sigmas: false,
-            use_lu_lambdas: false,
-            use_flow_sigmas: false,
-            flow_shift: Some(1.0),
-            final_sigmas_type: FinalSigmasType::Zero,
-            lambda_min_clipped: f64::NEG_INFINITY,
-            variance_type: None,
-            timestep_spacing: TimestepSpacing::Linspace,
-            steps_offset: 0,
-            rescale_betas_zero_snr: false,
-            use_dynamic_shifting: false,
-            time_shift_type: "exponential".to_string(),
-        }
+config_struct! {
+    /// The keys of a `DPMSolverMultistepScheduler` `scheduler_config.json`, with diffusers'
+    /// defaults.
+    #[derive(Debug, Clone, PartialEq, Deserialize)]
+    pub struct DpmSolverMultistepConfig {
+        /// Training timesteps.
+        pub num_train_timesteps: usize = 1000,
+        /// First beta.
+        #[serde(deserialize_with = "lenient_f64")]
+        pub beta_start: f64 = 0.0001,
+        /// Last beta.
+        #[serde(deserialize_with = "lenient_f64")]
+        pub beta_end: f64 = 0.02,
+        /// Beta schedule (`linear`, `scaled_linear` or `squaredcos_cap_v2`).
+        pub beta_schedule: BetaSchedule = BetaSchedule::Linear,
+        /// Explicit betas, overriding the schedule.
+        pub trained_betas: Option<Vec<f64>> = None,
+        /// Solver order, 1 to 3 (2 is recommended for guided sampling, 3 for unconditional).
+        pub solver_order: usize = 2,
+        /// What the model predicts.
+        pub prediction_type: PredictionType = PredictionType::Epsilon,
+        /// Imagen-style dynamic thresholding of the predicted `x0`.
+        pub thresholding: bool = false,
+        /// Quantile used by dynamic thresholding.
+        #[serde(deserialize_with = "lenient_f64")]
+        pub dynamic_thresholding_ratio: f64 = 0.995,
+        /// Upper bound of the dynamic threshold.
+        #[serde(deserialize_with = "lenient_f64")]
+        pub sample_max_value: f64 = 1.0,
+        /// DPM-Solver or DPM-Solver++, deterministic or stochastic.
+        pub algorithm_type: AlgorithmType = AlgorithmType::DpmSolverPlusPlus,
+        /// Midpoint or Heun form of the second-order update.
+        pub solver_type: SolverType = SolverType::Midpoint,
+        /// Use lower orders for the last steps of runs shorter than 15 steps.
+        pub lower_order_final: bool = true,
+        /// Use a first-order (Euler) update for the last step.
+        pub euler_at_final: bool = false,
+        /// Karras et al. 2022 noise levels.
+        #[serde(deserialize_with = "null_as_false")]
+        pub use_karras_sigmas: bool = false,
+        /// Noise levels evenly spaced in log sigma.
+        #[serde(deserialize_with = "null_as_false")]
+        pub use_exponential_sigmas: bool = false,
+        /// Noise levels at Beta(0.6, 0.6) quantiles (Lee et al. 2024).
+        #[serde(deserialize_with = "null_as_false")]
+        pub use_beta_sigmas: bool = false,
+        /// Steps uniform in log-SNR `lambda`, as Lu et al. 2022a recommend.
+        #[serde(deserialize_with = "null_as_false")]
+        pub use_lu_lambdas: bool = false,
+        /// Flow-matching sigmas (not supported: must be `false`).
+        #[serde(deserialize_with = "null_as_false")]
+        pub use_flow_sigmas: bool = false,
+        /// Flow-matching shift (not supported: must be 1).
+        #[serde(deserialize_with = "diffusion_core::config::lenient_opt_f64")]
+        pub flow_shift: Option<f64> = Some(1.0),
+        /// The noise level after the last step.
+        pub final_sigmas_type: FinalSigmasType = FinalSigmasType::Zero,
+        /// Timesteps whose `lambda` is below this are not used (`-Infinity`: no clipping).
+        #[serde(deserialize_with = "lenient_f64")]
+        pub lambda_min_clipped: f64 = f64::NEG_INFINITY,
+        /// `"learned"` / `"learned_range"` when the model also outputs its variance (the
+        /// output then has twice the sample's channels; the variance half is dropped).
+        pub variance_type: Option<String> = None,
+        /// How inference timesteps are placed.
+        pub timestep_spacing: TimestepSpacing = TimestepSpacing::Linspace,
+        /// Added to every timestep with `leading` spacing.
+        pub steps_offset: usize = 0,
+        /// Rescale betas to zero terminal SNR (Lin et al. 2023).
+        pub rescale_betas_zero_snr: bool = false,
+        /// Flow-matching dynamic shifting (not supported: must be `false`).
+        #[serde(deserialize_with = "null_as_false")]
+        pub use_dynamic_shifting: bool = false,
+        /// Flow-matching time-shift type (only `"exponential"` exists).
+        pub time_shift_type: String = "exponential".to_string(),
     }
 }
 

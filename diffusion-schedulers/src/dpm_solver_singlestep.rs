@@ -15,7 +15,7 @@ use serde::Deserialize;
 
 use crate::common::{
     FinalSigmasType, ModelOutputs, PredictionType, SigmaSpacing, StepIndex, TimestepSchedule,
-    TimestepSpacing, finite_terminal_alphas_cumprod, multistep_timesteps,
+    TimestepSpacing, config_struct, finite_terminal_alphas_cumprod, multistep_timesteps,
 };
 use crate::dpm_solver_multistep::{
     AlgorithmType, DpmSigmaOptions, Level, SolverType, clipped_last_timestep,
@@ -26,99 +26,70 @@ use crate::dpm_solver_multistep::{
 use crate::schedule::{BetaSchedule, NoiseSchedule};
 use crate::scheduler::{Scheduler, StepOutput};
 
-/// The keys of a `DPMSolverSinglestepScheduler` `scheduler_config.json`, with diffusers'
-/// defaults. (diffusers' singlestep class has no `timestep_spacing`, `steps_offset` or
-/// `rescale_betas_zero_snr`: its timesteps are always linspace-spaced.)
-#[derive(Debug, Clone, PartialEq, Deserialize)]
-#[serde(default)]
-pub struct DpmSolverSinglestepConfig {
-    /// Training timesteps.
-    pub num_train_timesteps: usize,
-    /// First beta.
-    #[serde(deserialize_with = "lenient_f64")]
-    pub beta_start: f64,
-    /// Last beta.
-    #[serde(deserialize_with = "lenient_f64")]
-    pub beta_end: f64,
-    /// Beta schedule (`linear`, `scaled_linear` or `squaredcos_cap_v2`).
-    pub beta_schedule: BetaSchedule,
-    /// Explicit betas, overriding the schedule.
-    pub trained_betas: Option<Vec<f64>>,
-    /// Solver order, 1 to 3 (2 is recommended for guided sampling, 3 for unconditional).
-    pub solver_order: usize,
-    /// What the model predicts.
-    pub prediction_type: PredictionType,
-    /// Imagen-style dynamic thresholding of the predicted `x0`.
-    pub thresholding: bool,
-    /// Quantile used by dynamic thresholding.
-    #[serde(deserialize_with = "lenient_f64")]
-    pub dynamic_thresholding_ratio: f64,
-    /// Upper bound of the dynamic threshold.
-    #[serde(deserialize_with = "lenient_f64")]
-    pub sample_max_value: f64,
-    /// `dpmsolver++`, `dpmsolver` or `sde-dpmsolver++` (`sde-dpmsolver` is multistep only).
-    pub algorithm_type: AlgorithmType,
-    /// Midpoint or Heun form of the higher-order updates.
-    pub solver_type: SolverType,
-    /// End the run with lower orders. diffusers switches this on (for good) when the step
-    /// count is not a multiple of `solver_order` or `final_sigmas_type` is `"zero"`.
-    pub lower_order_final: bool,
-    /// Karras et al. 2022 noise levels.
-    #[serde(deserialize_with = "null_as_false")]
-    pub use_karras_sigmas: bool,
-    /// Noise levels evenly spaced in log sigma.
-    #[serde(deserialize_with = "null_as_false")]
-    pub use_exponential_sigmas: bool,
-    /// Noise levels at Beta(0.6, 0.6) quantiles (Lee et al. 2024).
-    #[serde(deserialize_with = "null_as_false")]
-    pub use_beta_sigmas: bool,
-    /// Flow-matching sigmas (not supported: must be `false`).
-    #[serde(deserialize_with = "null_as_false")]
-    pub use_flow_sigmas: bool,
-    /// Flow-matching shift (not supported: must be 1).
-    #[serde(deserialize_with = "lenient_opt_f64")]
-    pub flow_shift: Option<f64>,
-    /// The noise level after the last step.
-    pub final_sigmas_type: FinalSigmasType,
-    /// Timesteps whose `lambda` is below this are not used (`-Infinity`: no clipping).
-    #[serde(deserialize_with = "lenient_f64")]
-    pub lambda_min_clipped: f64,
-    /// `"learned"` / `"learned_range"` when the model also outputs its variance.
-    pub variance_type: Option<String>,
-    /// Flow-matching dynamic shifting (not supported: must be `false`).
-    #[serde(deserialize_with = "null_as_false")]
-    pub use_dynamic_shifting: bool,
-    /// Flow-matching time-shift type (only `"exponential"` exists).
-    pub time_shift_type: String,
-}
-
-impl Default for DpmSolverSinglestepConfig {
-    fn default() -> Self {
-        Self {
-            num_train_timesteps: 1000,
-            beta_start: 0.0001,
-            beta_end: 0.02,
-            beta_schedule: BetaSchedule::Linear,
-            trained_betas: None,
-            solver_order: 2,
-            prediction_type: PredictionType::Epsilon,
-            thresholding: false,
-            dynamic_thresholding_ratio: 0.995,
-            sample_max_value: 1.0,
-            algorithm_type: AlgorithmType::DpmSolverPlusPlus,
-            solver_type: SolverType::Midpoint,
-            lower_order_final: false,
-            use_karras_sigmas: false,
-            use_exponential_sigmas: false,
-            use_beta_sigmas: false,
-            use_flow_sigmas: false,
-            flow_shift: Some(1.0),
-            final_sigmas_type: FinalSigmasType::Zero,
-            lambda_min_clipped: f64::NEG_INFINITY,
-            variance_type: None,
-            use_dynamic_shifting: false,
-            time_shift_type: "exponential".to_string(),
-        }
+config_struct! {
+    /// The keys of a `DPMSolverSinglestepScheduler` `scheduler_config.json`, with diffusers'
+    /// defaults. (diffusers' singlestep class has no `timestep_spacing`, `steps_offset` or
+    /// `rescale_betas_zero_snr`: its timesteps are always linspace-spaced.)
+    #[derive(Debug, Clone, PartialEq, Deserialize)]
+    pub struct DpmSolverSinglestepConfig {
+        /// Training timesteps.
+        pub num_train_timesteps: usize = 1000,
+        /// First beta.
+        #[serde(deserialize_with = "lenient_f64")]
+        pub beta_start: f64 = 0.0001,
+        /// Last beta.
+        #[serde(deserialize_with = "lenient_f64")]
+        pub beta_end: f64 = 0.02,
+        /// Beta schedule (`linear`, `scaled_linear` or `squaredcos_cap_v2`).
+        pub beta_schedule: BetaSchedule = BetaSchedule::Linear,
+        /// Explicit betas, overriding the schedule.
+        pub trained_betas: Option<Vec<f64>> = None,
+        /// Solver order, 1 to 3 (2 is recommended for guided sampling, 3 for unconditional).
+        pub solver_order: usize = 2,
+        /// What the model predicts.
+        pub prediction_type: PredictionType = PredictionType::Epsilon,
+        /// Imagen-style dynamic thresholding of the predicted `x0`.
+        pub thresholding: bool = false,
+        /// Quantile used by dynamic thresholding.
+        #[serde(deserialize_with = "lenient_f64")]
+        pub dynamic_thresholding_ratio: f64 = 0.995,
+        /// Upper bound of the dynamic threshold.
+        #[serde(deserialize_with = "lenient_f64")]
+        pub sample_max_value: f64 = 1.0,
+        /// `dpmsolver++`, `dpmsolver` or `sde-dpmsolver++` (`sde-dpmsolver` is multistep only).
+        pub algorithm_type: AlgorithmType = AlgorithmType::DpmSolverPlusPlus,
+        /// Midpoint or Heun form of the higher-order updates.
+        pub solver_type: SolverType = SolverType::Midpoint,
+        /// End the run with lower orders. diffusers switches this on (for good) when the step
+        /// count is not a multiple of `solver_order` or `final_sigmas_type` is `"zero"`.
+        pub lower_order_final: bool = false,
+        /// Karras et al. 2022 noise levels.
+        #[serde(deserialize_with = "null_as_false")]
+        pub use_karras_sigmas: bool = false,
+        /// Noise levels evenly spaced in log sigma.
+        #[serde(deserialize_with = "null_as_false")]
+        pub use_exponential_sigmas: bool = false,
+        /// Noise levels at Beta(0.6, 0.6) quantiles (Lee et al. 2024).
+        #[serde(deserialize_with = "null_as_false")]
+        pub use_beta_sigmas: bool = false,
+        /// Flow-matching sigmas (not supported: must be `false`).
+        #[serde(deserialize_with = "null_as_false")]
+        pub use_flow_sigmas: bool = false,
+        /// Flow-matching shift (not supported: must be 1).
+        #[serde(deserialize_with = "lenient_opt_f64")]
+        pub flow_shift: Option<f64> = Some(1.0),
+        /// The noise level after the last step.
+        pub final_sigmas_type: FinalSigmasType = FinalSigmasType::Zero,
+        /// Timesteps whose `lambda` is below this are not used (`-Infinity`: no clipping).
+        #[serde(deserialize_with = "lenient_f64")]
+        pub lambda_min_clipped: f64 = f64::NEG_INFINITY,
+        /// `"learned"` / `"learned_range"` when the model also outputs its variance.
+        pub variance_type: Option<String> = None,
+        /// Flow-matching dynamic shifting (not supported: must be `false`).
+        #[serde(deserialize_with = "null_as_false")]
+        pub use_dynamic_shifting: bool = false,
+        /// Flow-matching time-shift type (only `"exponential"` exists).
+        pub time_shift_type: String = "exponential".to_string(),
     }
 }
 

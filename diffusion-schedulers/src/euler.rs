@@ -8,10 +8,10 @@ use serde::{Deserialize, Serialize};
 
 use crate::common::{
     FinalSigmasType, PredictionType, SigmaSpacing, StepIndex, TimestepSchedule, TimestepSpacing,
-    check_custom_sigmas, check_custom_timesteps, check_steps, finite_terminal_alphas_cumprod,
-    index_for_timestep, k_add_noise, k_init_noise_sigma, k_noise_schedule, k_pred_x0,
-    k_scale_model_input, k_spaced_timesteps, linspace, respace_sigmas, sigma_at,
-    sigmas_at_timesteps, sigmas_to_timesteps,
+    check_custom_sigmas, check_custom_timesteps, check_steps, config_struct,
+    finite_terminal_alphas_cumprod, index_for_timestep, k_add_noise, k_init_noise_sigma,
+    k_noise_schedule, k_pred_x0, k_scale_model_input, k_spaced_timesteps, linspace, respace_sigmas,
+    sigma_at, sigmas_at_timesteps, sigmas_to_timesteps,
 };
 use crate::schedule::{
     BetaSchedule, NoiseSchedule, batch_size, check_same_shape, per_batch,
@@ -44,75 +44,52 @@ pub enum TimestepType {
     Continuous,
 }
 
-/// The keys of an `EulerDiscreteScheduler` `scheduler_config.json`, with diffusers'
-/// defaults.
-#[derive(Debug, Clone, PartialEq, Deserialize)]
-#[serde(default)]
-pub struct EulerConfig {
-    /// Training timesteps.
-    pub num_train_timesteps: usize,
-    /// First beta.
-    #[serde(deserialize_with = "lenient_f64")]
-    pub beta_start: f64,
-    /// Last beta.
-    #[serde(deserialize_with = "lenient_f64")]
-    pub beta_end: f64,
-    /// Beta schedule (`sigmoid` is not implemented by this class).
-    pub beta_schedule: BetaSchedule,
-    /// Explicit betas, overriding the schedule.
-    pub trained_betas: Option<Vec<f64>>,
-    /// What the model predicts.
-    pub prediction_type: PredictionType,
-    /// How inference sigmas are read off the training sigmas.
-    pub interpolation_type: InterpolationType,
-    /// Karras et al. 2022 noise levels.
-    pub use_karras_sigmas: bool,
-    /// Noise levels evenly spaced in log sigma.
-    pub use_exponential_sigmas: bool,
-    /// Beta-quantile noise levels (Lee et al. 2024).
-    pub use_beta_sigmas: bool,
-    /// Smallest sigma of Karras / exponential / beta spacing (default: the smallest
-    /// inference sigma).
-    #[serde(deserialize_with = "lenient_opt_f64")]
-    pub sigma_min: Option<f64>,
-    /// Largest sigma of Karras / exponential / beta spacing (default: the largest inference
-    /// sigma).
-    #[serde(deserialize_with = "lenient_opt_f64")]
-    pub sigma_max: Option<f64>,
-    /// How inference timesteps are placed.
-    pub timestep_spacing: TimestepSpacing,
-    /// What the model is given as its timestep.
-    pub timestep_type: TimestepType,
-    /// Added to every timestep with `leading` spacing.
-    pub steps_offset: usize,
-    /// Rescale betas to zero terminal SNR (the last `alphas_cumprod` is then set to
-    /// `2^-24`, as diffusers does, so the largest sigma is finite: 4096).
-    pub rescale_betas_zero_snr: bool,
-    /// The noise level after the last step.
-    pub final_sigmas_type: FinalSigmasType,
-}
-
-impl Default for EulerConfig {
-    fn default() -> Self {
-        Self {
-            num_train_timesteps: 1000,
-            beta_start: 0.0001,
-            beta_end: 0.02,
-            beta_schedule: BetaSchedule::Linear,
-            trained_betas: None,
-            prediction_type: PredictionType::Epsilon,
-            interpolation_type: InterpolationType::Linear,
-            use_karras_sigmas: false,
-            use_exponential_sigmas: false,
-            use_beta_sigmas: false,
-            sigma_min: None,
-            sigma_max: None,
-            timestep_spacing: TimestepSpacing::Linspace,
-            timestep_type: TimestepType::Discrete,
-            steps_offset: 0,
-            rescale_betas_zero_snr: false,
-            final_sigmas_type: FinalSigmasType::Zero,
-        }
+config_struct! {
+    /// The keys of an `EulerDiscreteScheduler` `scheduler_config.json`, with diffusers'
+    /// defaults.
+    #[derive(Debug, Clone, PartialEq, Deserialize)]
+    pub struct EulerConfig {
+        /// Training timesteps.
+        pub num_train_timesteps: usize = 1000,
+        /// First beta.
+        #[serde(deserialize_with = "lenient_f64")]
+        pub beta_start: f64 = 0.0001,
+        /// Last beta.
+        #[serde(deserialize_with = "lenient_f64")]
+        pub beta_end: f64 = 0.02,
+        /// Beta schedule (`sigmoid` is not implemented by this class).
+        pub beta_schedule: BetaSchedule = BetaSchedule::Linear,
+        /// Explicit betas, overriding the schedule.
+        pub trained_betas: Option<Vec<f64>> = None,
+        /// What the model predicts.
+        pub prediction_type: PredictionType = PredictionType::Epsilon,
+        /// How inference sigmas are read off the training sigmas.
+        pub interpolation_type: InterpolationType = InterpolationType::Linear,
+        /// Karras et al. 2022 noise levels.
+        pub use_karras_sigmas: bool = false,
+        /// Noise levels evenly spaced in log sigma.
+        pub use_exponential_sigmas: bool = false,
+        /// Beta-quantile noise levels (Lee et al. 2024).
+        pub use_beta_sigmas: bool = false,
+        /// Smallest sigma of Karras / exponential / beta spacing (default: the smallest
+        /// inference sigma).
+        #[serde(deserialize_with = "lenient_opt_f64")]
+        pub sigma_min: Option<f64> = None,
+        /// Largest sigma of Karras / exponential / beta spacing (default: the largest inference
+        /// sigma).
+        #[serde(deserialize_with = "lenient_opt_f64")]
+        pub sigma_max: Option<f64> = None,
+        /// How inference timesteps are placed.
+        pub timestep_spacing: TimestepSpacing = TimestepSpacing::Linspace,
+        /// What the model is given as its timestep.
+        pub timestep_type: TimestepType = TimestepType::Discrete,
+        /// Added to every timestep with `leading` spacing.
+        pub steps_offset: usize = 0,
+        /// Rescale betas to zero terminal SNR (the last `alphas_cumprod` is then set to
+        /// `2^-24`, as diffusers does, so the largest sigma is finite: 4096).
+        pub rescale_betas_zero_snr: bool = false,
+        /// The noise level after the last step.
+        pub final_sigmas_type: FinalSigmasType = FinalSigmasType::Zero,
     }
 }
 

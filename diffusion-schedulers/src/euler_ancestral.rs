@@ -8,54 +8,40 @@ use serde::Deserialize;
 
 use crate::common::{
     PredictionType, StepIndex, TimestepSchedule, TimestepSpacing, check_not_sample_prediction,
-    finite_terminal_alphas_cumprod, k_add_noise, k_init_noise_sigma, k_noise_schedule, k_pred_x0,
-    k_scale_model_input, k_spaced_timesteps, sigma_at, sigmas_at_timesteps, step_count,
+    config_struct, finite_terminal_alphas_cumprod, k_add_noise, k_init_noise_sigma,
+    k_noise_schedule, k_pred_x0, k_scale_model_input, k_spaced_timesteps, sigma_at,
+    sigmas_at_timesteps, step_count,
 };
 use crate::euler::full_schedule;
 use crate::schedule::{BetaSchedule, check_same_shape, sigmas_from_alphas_cumprod};
 use crate::scheduler::{Scheduler, StepOutput};
 
-/// The keys of an `EulerAncestralDiscreteScheduler` `scheduler_config.json`, with
-/// diffusers' defaults.
-#[derive(Debug, Clone, PartialEq, Deserialize)]
-#[serde(default)]
-pub struct EulerAncestralConfig {
-    /// Training timesteps.
-    pub num_train_timesteps: usize,
-    /// First beta.
-    #[serde(deserialize_with = "lenient_f64")]
-    pub beta_start: f64,
-    /// Last beta.
-    #[serde(deserialize_with = "lenient_f64")]
-    pub beta_end: f64,
-    /// Beta schedule (`sigmoid` is not implemented by this class).
-    pub beta_schedule: BetaSchedule,
-    /// Explicit betas, overriding the schedule.
-    pub trained_betas: Option<Vec<f64>>,
-    /// What the model predicts (`sample` is not implemented by this class).
-    pub prediction_type: PredictionType,
-    /// How inference timesteps are placed.
-    pub timestep_spacing: TimestepSpacing,
-    /// Added to every timestep with `leading` spacing.
-    pub steps_offset: usize,
-    /// Rescale betas to zero terminal SNR (the last `alphas_cumprod` is then set to
-    /// `2^-24`, as diffusers does).
-    pub rescale_betas_zero_snr: bool,
-}
-
-impl Default for EulerAncestralConfig {
-    fn default() -> Self {
-        Self {
-            num_train_timesteps: 1000,
-            beta_start: 0.0001,
-            beta_end: 0.02,
-            beta_schedule: BetaSchedule::Linear,
-            trained_betas: None,
-            prediction_type: PredictionType::Epsilon,
-            timestep_spacing: TimestepSpacing::Linspace,
-            steps_offset: 0,
-            rescale_betas_zero_snr: false,
-        }
+config_struct! {
+    /// The keys of an `EulerAncestralDiscreteScheduler` `scheduler_config.json`, with
+    /// diffusers' defaults.
+    #[derive(Debug, Clone, PartialEq, Deserialize)]
+    pub struct EulerAncestralConfig {
+        /// Training timesteps.
+        pub num_train_timesteps: usize = 1000,
+        /// First beta.
+        #[serde(deserialize_with = "lenient_f64")]
+        pub beta_start: f64 = 0.0001,
+        /// Last beta.
+        #[serde(deserialize_with = "lenient_f64")]
+        pub beta_end: f64 = 0.02,
+        /// Beta schedule (`sigmoid` is not implemented by this class).
+        pub beta_schedule: BetaSchedule = BetaSchedule::Linear,
+        /// Explicit betas, overriding the schedule.
+        pub trained_betas: Option<Vec<f64>> = None,
+        /// What the model predicts (`sample` is not implemented by this class).
+        pub prediction_type: PredictionType = PredictionType::Epsilon,
+        /// How inference timesteps are placed.
+        pub timestep_spacing: TimestepSpacing = TimestepSpacing::Linspace,
+        /// Added to every timestep with `leading` spacing.
+        pub steps_offset: usize = 0,
+        /// Rescale betas to zero terminal SNR (the last `alphas_cumprod` is then set to
+        /// `2^-24`, as diffusers does).
+        pub rescale_betas_zero_snr: bool = false,
     }
 }
 

@@ -8,8 +8,9 @@ use serde::{Deserialize, Serialize};
 
 use crate::common::{
     PredictionType, SigmaSpacing, StepIndex, TimestepSchedule, TimestepSpacing,
-    check_custom_timesteps, check_steps, double_after_first, k_add_noise, k_init_noise_sigma,
-    k_noise_schedule, k_pred_x0, k_scale_model_input, k_schedule, k_spaced_timesteps, sigma_at,
+    check_custom_timesteps, check_steps, config_struct, double_after_first, k_add_noise,
+    k_init_noise_sigma, k_noise_schedule, k_pred_x0, k_scale_model_input, k_schedule,
+    k_spaced_timesteps, sigma_at,
 };
 use crate::schedule::{BetaSchedule, check_same_shape};
 use crate::scheduler::{Scheduler, StepOutput};
@@ -32,69 +33,48 @@ pub enum HeunBetaSchedule {
     Sigmoid,
 }
 
-/// The keys of a `HeunDiscreteScheduler` `scheduler_config.json`, with diffusers' defaults.
-#[derive(Debug, Clone, PartialEq, Deserialize)]
-#[serde(default)]
-pub struct HeunConfig {
-    /// Training timesteps.
-    pub num_train_timesteps: usize,
-    /// First beta.
-    #[serde(deserialize_with = "lenient_f64")]
-    pub beta_start: f64,
-    /// Last beta.
-    #[serde(deserialize_with = "lenient_f64")]
-    pub beta_end: f64,
-    /// Beta schedule.
-    pub beta_schedule: HeunBetaSchedule,
-    /// Explicit betas, overriding the schedule.
-    pub trained_betas: Option<Vec<f64>>,
-    /// What the model predicts.
-    pub prediction_type: PredictionType,
-    /// Karras et al. 2022 noise levels.
-    pub use_karras_sigmas: bool,
-    /// Noise levels evenly spaced in log sigma.
-    pub use_exponential_sigmas: bool,
-    /// Beta-quantile noise levels (Lee et al. 2024).
-    pub use_beta_sigmas: bool,
-    /// Clip the predicted `x0` to `[-clip_sample_range, clip_sample_range]`.
-    pub clip_sample: bool,
-    /// Clip range for `clip_sample`.
-    #[serde(deserialize_with = "lenient_f64")]
-    pub clip_sample_range: f64,
-    /// How inference timesteps are placed.
-    pub timestep_spacing: TimestepSpacing,
-    /// Added to every timestep with `leading` spacing.
-    pub steps_offset: usize,
-    /// Smallest sigma of Karras / exponential / beta spacing (default: the smallest
-    /// inference sigma). Not an argument of this class, but diffusers honours it when a
-    /// loaded config carries it (e.g. one written for `EulerDiscreteScheduler`).
-    #[serde(deserialize_with = "lenient_opt_f64")]
-    pub sigma_min: Option<f64>,
-    /// Largest sigma of Karras / exponential / beta spacing (default: the largest inference
-    /// sigma); a hidden key like `sigma_min`.
-    #[serde(deserialize_with = "lenient_opt_f64")]
-    pub sigma_max: Option<f64>,
-}
-
-impl Default for HeunConfig {
-    fn default() -> Self {
-        Self {
-            num_train_timesteps: 1000,
-            beta_start: 0.00085,
-            beta_end: 0.012,
-            beta_schedule: HeunBetaSchedule::Linear,
-            trained_betas: None,
-            prediction_type: PredictionType::Epsilon,
-            use_karras_sigmas: false,
-            use_exponential_sigmas: false,
-            use_beta_sigmas: false,
-            clip_sample: false,
-            clip_sample_range: 1.0,
-            timestep_spacing: TimestepSpacing::Linspace,
-            steps_offset: 0,
-            sigma_min: None,
-            sigma_max: None,
-        }
+config_struct! {
+    /// The keys of a `HeunDiscreteScheduler` `scheduler_config.json`, with diffusers' defaults.
+    #[derive(Debug, Clone, PartialEq, Deserialize)]
+    pub struct HeunConfig {
+        /// Training timesteps.
+        pub num_train_timesteps: usize = 1000,
+        /// First beta.
+        #[serde(deserialize_with = "lenient_f64")]
+        pub beta_start: f64 = 0.00085,
+        /// Last beta.
+        #[serde(deserialize_with = "lenient_f64")]
+        pub beta_end: f64 = 0.012,
+        /// Beta schedule.
+        pub beta_schedule: HeunBetaSchedule = HeunBetaSchedule::Linear,
+        /// Explicit betas, overriding the schedule.
+        pub trained_betas: Option<Vec<f64>> = None,
+        /// What the model predicts.
+        pub prediction_type: PredictionType = PredictionType::Epsilon,
+        /// Karras et al. 2022 noise levels.
+        pub use_karras_sigmas: bool = false,
+        /// Noise levels evenly spaced in log sigma.
+        pub use_exponential_sigmas: bool = false,
+        /// Beta-quantile noise levels (Lee et al. 2024).
+        pub use_beta_sigmas: bool = false,
+        /// Clip the predicted `x0` to `[-clip_sample_range, clip_sample_range]`.
+        pub clip_sample: bool = false,
+        /// Clip range for `clip_sample`.
+        #[serde(deserialize_with = "lenient_f64")]
+        pub clip_sample_range: f64 = 1.0,
+        /// How inference timesteps are placed.
+        pub timestep_spacing: TimestepSpacing = TimestepSpacing::Linspace,
+        /// Added to every timestep with `leading` spacing.
+        pub steps_offset: usize = 0,
+        /// Smallest sigma of Karras / exponential / beta spacing (default: the smallest
+        /// inference sigma). Not an argument of this class, but diffusers honours it when a
+        /// loaded config carries it (e.g. one written for `EulerDiscreteScheduler`).
+        #[serde(deserialize_with = "lenient_opt_f64")]
+        pub sigma_min: Option<f64> = None,
+        /// Largest sigma of Karras / exponential / beta spacing (default: the largest inference
+        /// sigma); a hidden key like `sigma_min`.
+        #[serde(deserialize_with = "lenient_opt_f64")]
+        pub sigma_max: Option<f64> = None,
     }
 }
 

@@ -8,70 +8,51 @@ use serde::Deserialize;
 
 use crate::common::{
     KSchedule, PredictionType, SigmaSpacing, StepIndex, TimestepSchedule, TimestepSpacing,
-    check_not_sample_prediction, k_add_noise, k_init_noise_sigma, k_noise_schedule, k_pred_x0,
-    k_scale_model_input, k_schedule, k_spaced_timesteps, log_midpoint, repeat_after_first,
-    sigma_at, sigmas_to_timesteps, step_count,
+    check_not_sample_prediction, config_struct, k_add_noise, k_init_noise_sigma, k_noise_schedule,
+    k_pred_x0, k_scale_model_input, k_schedule, k_spaced_timesteps, log_midpoint,
+    repeat_after_first, sigma_at, sigmas_to_timesteps, step_count,
 };
 use crate::schedule::{BetaSchedule, check_same_shape};
 use crate::scheduler::{Scheduler, StepOutput};
 
-/// The keys of a `KDPM2DiscreteScheduler` `scheduler_config.json`, with diffusers'
-/// defaults.
-#[derive(Debug, Clone, PartialEq, Deserialize)]
-#[serde(default)]
-pub struct Kdpm2Config {
-    /// Training timesteps.
-    pub num_train_timesteps: usize,
-    /// First beta.
-    #[serde(deserialize_with = "lenient_f64")]
-    pub beta_start: f64,
-    /// Last beta.
-    #[serde(deserialize_with = "lenient_f64")]
-    pub beta_end: f64,
-    /// Beta schedule (`sigmoid` is not implemented by this class).
-    pub beta_schedule: BetaSchedule,
-    /// Explicit betas, overriding the schedule.
-    pub trained_betas: Option<Vec<f64>>,
-    /// Karras et al. 2022 noise levels (their timesteps are rounded to integers).
-    pub use_karras_sigmas: bool,
-    /// Noise levels evenly spaced in log sigma.
-    pub use_exponential_sigmas: bool,
-    /// Beta-quantile noise levels (Lee et al. 2024).
-    pub use_beta_sigmas: bool,
-    /// What the model predicts (`sample` is not implemented by this class).
-    pub prediction_type: PredictionType,
-    /// How inference timesteps are placed.
-    pub timestep_spacing: TimestepSpacing,
-    /// Added to every timestep with `leading` spacing.
-    pub steps_offset: usize,
-    /// Smallest sigma of Karras / exponential / beta spacing (default: the smallest
-    /// inference sigma). Not an argument of this class, but diffusers honours it when a
-    /// loaded config carries it (e.g. one written for `EulerDiscreteScheduler`).
-    #[serde(deserialize_with = "lenient_opt_f64")]
-    pub sigma_min: Option<f64>,
-    /// Largest sigma of Karras / exponential / beta spacing (default: the largest inference
-    /// sigma); a hidden key like `sigma_min`.
-    #[serde(deserialize_with = "lenient_opt_f64")]
-    pub sigma_max: Option<f64>,
-}
-
-impl Default for Kdpm2Config {
-    fn default() -> Self {
-        Self {
-            num_train_timesteps: 1000,
-            beta_start: 0.00085,
-            beta_end: 0.012,
-            beta_schedule: BetaSchedule::Linear,
-            trained_betas: None,
-            use_karras_sigmas: false,
-            use_exponential_sigmas: false,
-            use_beta_sigmas: false,
-            prediction_type: PredictionType::Epsilon,
-            timestep_spacing: TimestepSpacing::Linspace,
-            steps_offset: 0,
-            sigma_min: None,
-            sigma_max: None,
-        }
+config_struct! {
+    /// The keys of a `KDPM2DiscreteScheduler` `scheduler_config.json`, with diffusers'
+    /// defaults.
+    #[derive(Debug, Clone, PartialEq, Deserialize)]
+    pub struct Kdpm2Config {
+        /// Training timesteps.
+        pub num_train_timesteps: usize = 1000,
+        /// First beta.
+        #[serde(deserialize_with = "lenient_f64")]
+        pub beta_start: f64 = 0.00085,
+        /// Last beta.
+        #[serde(deserialize_with = "lenient_f64")]
+        pub beta_end: f64 = 0.012,
+        /// Beta schedule (`sigmoid` is not implemented by this class).
+        pub beta_schedule: BetaSchedule = BetaSchedule::Linear,
+        /// Explicit betas, overriding the schedule.
+        pub trained_betas: Option<Vec<f64>> = None,
+        /// Karras et al. 2022 noise levels (their timesteps are rounded to integers).
+        pub use_karras_sigmas: bool = false,
+        /// Noise levels evenly spaced in log sigma.
+        pub use_exponential_sigmas: bool = false,
+        /// Beta-quantile noise levels (Lee et al. 2024).
+        pub use_beta_sigmas: bool = false,
+        /// What the model predicts (`sample` is not implemented by this class).
+        pub prediction_type: PredictionType = PredictionType::Epsilon,
+        /// How inference timesteps are placed.
+        pub timestep_spacing: TimestepSpacing = TimestepSpacing::Linspace,
+        /// Added to every timestep with `leading` spacing.
+        pub steps_offset: usize = 0,
+        /// Smallest sigma of Karras / exponential / beta spacing (default: the smallest
+        /// inference sigma). Not an argument of this class, but diffusers honours it when a
+        /// loaded config carries it (e.g. one written for `EulerDiscreteScheduler`).
+        #[serde(deserialize_with = "lenient_opt_f64")]
+        pub sigma_min: Option<f64> = None,
+        /// Largest sigma of Karras / exponential / beta spacing (default: the largest inference
+        /// sigma); a hidden key like `sigma_min`.
+        #[serde(deserialize_with = "lenient_opt_f64")]
+        pub sigma_max: Option<f64> = None,
     }
 }
 

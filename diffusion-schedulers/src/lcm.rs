@@ -7,78 +7,55 @@ use serde::Deserialize;
 
 use crate::common::{
     PredictionType, StepIndex, TimestepSchedule, TimestepSpacing, check_integer_timesteps,
-    check_steps, dynamic_threshold, index_for_timestep, vp_pred_x0,
+    check_steps, config_struct, dynamic_threshold, index_for_timestep, vp_pred_x0,
 };
 use crate::schedule::{BetaSchedule, NoiseSchedule, check_not_sigmoid, check_same_shape};
 use crate::scheduler::{Scheduler, StepOutput};
 
-/// The keys of an `LCMScheduler` `scheduler_config.json`, with diffusers' defaults.
-#[derive(Debug, Clone, PartialEq, Deserialize)]
-#[serde(default)]
-pub struct LcmConfig {
-    /// Training timesteps.
-    pub num_train_timesteps: usize,
-    /// First beta.
-    #[serde(deserialize_with = "lenient_f64")]
-    pub beta_start: f64,
-    /// Last beta.
-    #[serde(deserialize_with = "lenient_f64")]
-    pub beta_end: f64,
-    /// Beta schedule (`sigmoid` is not accepted by diffusers' LCM).
-    pub beta_schedule: BetaSchedule,
-    /// Explicit betas, overriding the schedule.
-    pub trained_betas: Option<Vec<f64>>,
-    /// Length of the distillation schedule the inference timesteps are taken from.
-    pub original_inference_steps: usize,
-    /// Clip the predicted `x0` to `[-clip_sample_range, clip_sample_range]`.
-    pub clip_sample: bool,
-    /// Clip range for `clip_sample`.
-    #[serde(deserialize_with = "lenient_f64")]
-    pub clip_sample_range: f64,
-    /// Use `alpha_bar = 1` after the last step (otherwise `alphas_cumprod[0]`).
-    pub set_alpha_to_one: bool,
-    /// Accepted for compatibility; LCM's timesteps do not use it.
-    pub steps_offset: usize,
-    /// What the model predicts.
-    pub prediction_type: PredictionType,
-    /// Imagen-style dynamic thresholding of `x0`.
-    pub thresholding: bool,
-    /// Quantile used by dynamic thresholding.
-    #[serde(deserialize_with = "lenient_f64")]
-    pub dynamic_thresholding_ratio: f64,
-    /// Upper bound of the dynamic threshold.
-    #[serde(deserialize_with = "lenient_f64")]
-    pub sample_max_value: f64,
-    /// Accepted for compatibility; LCM's timesteps do not use it.
-    pub timestep_spacing: TimestepSpacing,
-    /// Factor applied to the timestep in the boundary-condition scalings.
-    #[serde(deserialize_with = "lenient_f64")]
-    pub timestep_scaling: f64,
-    /// Rescale betas to zero terminal SNR.
-    pub rescale_betas_zero_snr: bool,
-}
-
-impl Default for LcmConfig {
-    fn default() -> Self {
-        Self {
-            num_train_timesteps: 1000,
-            beta_start: 0.00085,
-            beta_end: 0.012,
-            beta_schedule: BetaSchedule::ScaledLinear,
-            trained_betas: None,
-            original_inference_steps: 50,
-            clip_sample: false,
-            clip_sample_range: 1.0,
-            set_alpha_to_one: true,
-            steps_offset: 0,
-            prediction_type: PredictionType::Epsilon,
-            thresholding: false,
-            dynamic_thresholding_ratio: 0.995,
-            sample_max_value: 1.0,
-            timestep_spacing: TimestepSpacing::Leading,
-            timestep_scaling: 10.0,
-            rescale_betas_zero_snr: false,
-        }
+config_struct! {
+    /// The keys of an `LCMScheduler` `scheduler_config.json`, with diffusers' defaults.
+    #[derive(Debug, Clone, PartialEq, Deserialize)]
+    pub struct LcmConfig {
+        /// Training timesteps.
+        pub num_train_timesteps: usize = 1000,
+        /// First beta.
+        #[serde(deserialize_with = "lenient_f64")]
+        pub beta_start: f64 = 0.00085,
+        /// Last beta.
+        #[serde(deserialize_with = "lenient_f64")]
+        pub beta_end: f64 = 0.012,
+        /// Beta schedule (`sigmoid` is not accepted by diffusers' LCM).
+        pub beta_schedule: BetaSchedule = BetaSchedule::ScaledLinear,
+        /// Explicit betas, overriding the schedule.
+        pub trained_betas: Option<Vec<f64>> = None,
+        /// Length of the distillation schedule the inference timesteps are taken from.
+        pub original_inference_steps: usize = 50,
+        /// Clip the predicted `x0` to `[-clip_sample_range, clip_sample_range]`.
+        pub clip_sample: bool = false,
+        /// Clip range for `clip_sample`.
+        #[serde(deserialize_with = "lenient_f64")]
+        pub clip_sample_range: f64 = 1.0,
+        /// Use `alpha_bar = 1` after the last step (otherwise `alphas_cumprod[0]`).
+        pub set_alpha_to_one: bool = true,
+        /// Accepted for compatibility; LCM's timesteps do not use it.
+        pub steps_offset: usize = 0,
+        /// What the model predicts.
+        pub prediction_type: PredictionType = PredictionType::Epsilon,
+        /// Imagen-style dynamic thresholding of `x0`.
+        pub thresholding: bool = false,
+        /// Quantile used by dynamic thresholding.
+        #[serde(deserialize_with = "lenient_f64")]
+        pub dynamic_thresholding_ratio: f64 = 0.995,
+        /// Upper bound of the dynamic threshold.
+        #[serde(deserialize_with = "lenient_f64")]
+        pub sample_max_value: f64 = 1.0,
+        /// Accepted for compatibility; LCM's timesteps do not use it.
+        pub timestep_spacing: TimestepSpacing = TimestepSpacing::Leading,
+        /// Factor applied to the timestep in the boundary-condition scalings.
+        #[serde(deserialize_with = "lenient_f64")]
+        pub timestep_scaling: f64 = 10.0,
+        /// Rescale betas to zero terminal SNR.
+        pub rescale_betas_zero_snr: bool = false,
     }
 }
 

@@ -9,55 +9,39 @@ use diffusion_core::{ConfigMap, Error, NoiseSource, Result, SchedulerTensor};
 use serde::Deserialize;
 
 use crate::common::{
-    PredictionType, TimestepSchedule, TimestepSpacing, check_steps_offset, spaced_timesteps,
-    step_count,
+    PredictionType, TimestepSchedule, TimestepSpacing, check_steps_offset, config_struct,
+    spaced_timesteps, step_count,
 };
 use crate::schedule::{BetaSchedule, NoiseSchedule, check_not_sigmoid, check_same_shape};
 use crate::scheduler::{Scheduler, StepOutput};
 
-/// The keys of a `PNDMScheduler` `scheduler_config.json`, with diffusers' defaults.
-#[derive(Debug, Clone, PartialEq, Deserialize)]
-#[serde(default)]
-pub struct PndmConfig {
-    /// Training timesteps.
-    pub num_train_timesteps: usize,
-    /// First beta.
-    #[serde(deserialize_with = "lenient_f64")]
-    pub beta_start: f64,
-    /// Last beta.
-    #[serde(deserialize_with = "lenient_f64")]
-    pub beta_end: f64,
-    /// Beta schedule (`sigmoid` is not accepted by diffusers' PNDM).
-    pub beta_schedule: BetaSchedule,
-    /// Explicit betas, overriding the schedule.
-    pub trained_betas: Option<Vec<f64>>,
-    /// Skip the Runge-Kutta warm-up and start linear multistep right away (PLMS, as Stable
-    /// Diffusion configs do).
-    pub skip_prk_steps: bool,
-    /// Use `alpha_bar = 1` after the last step (otherwise `alphas_cumprod[0]`).
-    pub set_alpha_to_one: bool,
-    /// What the model predicts (`epsilon` or `v_prediction`).
-    pub prediction_type: PredictionType,
-    /// How inference timesteps are placed.
-    pub timestep_spacing: TimestepSpacing,
-    /// Added to every timestep with `leading` spacing.
-    pub steps_offset: usize,
-}
-
-impl Default for PndmConfig {
-    fn default() -> Self {
-        Self {
-            num_train_timesteps: 1000,
-            beta_start: 0.0001,
-            beta_end: 0.02,
-            beta_schedule: BetaSchedule::Linear,
-            trained_betas: None,
-            skip_prk_steps: false,
-            set_alpha_to_one: false,
-            prediction_type: PredictionType::Epsilon,
-            timestep_spacing: TimestepSpacing::Leading,
-            steps_offset: 0,
-        }
+config_struct! {
+    /// The keys of a `PNDMScheduler` `scheduler_config.json`, with diffusers' defaults.
+    #[derive(Debug, Clone, PartialEq, Deserialize)]
+    pub struct PndmConfig {
+        /// Training timesteps.
+        pub num_train_timesteps: usize = 1000,
+        /// First beta.
+        #[serde(deserialize_with = "lenient_f64")]
+        pub beta_start: f64 = 0.0001,
+        /// Last beta.
+        #[serde(deserialize_with = "lenient_f64")]
+        pub beta_end: f64 = 0.02,
+        /// Beta schedule (`sigmoid` is not accepted by diffusers' PNDM).
+        pub beta_schedule: BetaSchedule = BetaSchedule::Linear,
+        /// Explicit betas, overriding the schedule.
+        pub trained_betas: Option<Vec<f64>> = None,
+        /// Skip the Runge-Kutta warm-up and start linear multistep right away (PLMS, as Stable
+        /// Diffusion configs do).
+        pub skip_prk_steps: bool = false,
+        /// Use `alpha_bar = 1` after the last step (otherwise `alphas_cumprod[0]`).
+        pub set_alpha_to_one: bool = false,
+        /// What the model predicts (`epsilon` or `v_prediction`).
+        pub prediction_type: PredictionType = PredictionType::Epsilon,
+        /// How inference timesteps are placed.
+        pub timestep_spacing: TimestepSpacing = TimestepSpacing::Leading,
+        /// Added to every timestep with `leading` spacing.
+        pub steps_offset: usize = 0,
     }
 }
 

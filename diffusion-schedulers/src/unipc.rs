@@ -24,7 +24,7 @@ use serde_json::Value;
 
 use crate::common::{
     FinalSigmasType, ModelOutputs, PredictionType, SigmaSpacing, StepIndex, TimestepSchedule,
-    TimestepSpacing, check_steps, dynamic_threshold, finite_terminal_alphas_cumprod,
+    TimestepSpacing, check_steps, config_struct, dynamic_threshold, finite_terminal_alphas_cumprod,
     multistep_timesteps, reject_flow_keys, vp_add_noise, vp_alpha_sigma, vp_inference_sigmas,
     vp_lambda, vp_pred_eps, vp_pred_x0, vp_sigma_min,
 };
@@ -46,115 +46,80 @@ pub enum UniPcSolverType {
     Bh2,
 }
 
-/// The keys of a `UniPCMultistepScheduler` `scheduler_config.json`, with diffusers' defaults.
-#[derive(Debug, Clone, PartialEq, Deserialize)]
-#[serde(default)]
-pub struct UniPcConfig {
-    /// Training timesteps.
-    pub num_train_timesteps: usize,
-    /// First beta.
-    #[serde(deserialize_with = "lenient_f64")]
-    pub beta_start: f64,
-    /// Last beta.
-    #[serde(deserialize_with = "lenient_f64")]
-    pub beta_end: f64,
-    /// Beta schedule (`linear`, `scaled_linear` or `squaredcos_cap_v2`).
-    pub beta_schedule: BetaSchedule,
-    /// Explicit betas, overriding the schedule.
-    pub trained_betas: Option<Vec<f64>>,
-    /// Order `p` of UniPC (any positive integer; the corrector raises the accuracy to `p + 1`).
-    pub solver_order: usize,
-    /// What the model predicts.
-    pub prediction_type: PredictionType,
-    /// Imagen-style dynamic thresholding of the predicted `x0` (with `predict_x0` only).
-    pub thresholding: bool,
-    /// Quantile used by dynamic thresholding.
-    #[serde(deserialize_with = "lenient_f64")]
-    pub dynamic_thresholding_ratio: f64,
-    /// Upper bound of the dynamic threshold.
-    #[serde(deserialize_with = "lenient_f64")]
-    pub sample_max_value: f64,
-    /// Integrate the data prediction `x0` (UniPC with DPM-Solver++'s parametrisation);
-    /// otherwise the noise prediction.
-    pub predict_x0: bool,
-    /// `B(h)` of the update.
-    pub solver_type: UniPcSolverType,
-    /// Lower the order over the last steps (stabilises runs of fewer than 15 steps).
-    pub lower_order_final: bool,
-    /// Step indices whose *following* step skips the corrector (diffusers checks
-    /// `step_index - 1` against this list).
-    pub disable_corrector: Vec<i64>,
-    /// Another scheduler used as predictor (`solver_p + UniC`); not supported, must be null.
-    pub solver_p: Option<Value>,
-    /// Karras et al. 2022 noise levels.
-    pub use_karras_sigmas: bool,
-    /// Noise levels evenly spaced in log space.
-    pub use_exponential_sigmas: bool,
-    /// Beta-distribution noise levels (Lee et al. 2024).
-    pub use_beta_sigmas: bool,
-    /// Flow-matching sigmas; not supported (must be false).
-    pub use_flow_sigmas: bool,
-    /// Flow-matching shift; only the default 1.0 is accepted.
-    #[serde(deserialize_with = "lenient_f64")]
-    pub flow_shift: f64,
-    /// How inference timesteps are placed.
-    pub timestep_spacing: TimestepSpacing,
-    /// Added to every timestep with `leading` spacing.
-    pub steps_offset: usize,
-    /// The noise level after the last step.
-    pub final_sigmas_type: FinalSigmasType,
-    /// Rescale betas to zero terminal SNR (the last `alpha_bar` becomes `2^-24`, as diffusers).
-    pub rescale_betas_zero_snr: bool,
-    /// Flow-matching dynamic shifting; not supported (must be false).
-    pub use_dynamic_shifting: bool,
-    /// Flow-matching time shift; only `"exponential"` (the default, unused) is accepted.
-    pub time_shift_type: String,
-    /// Smallest noise level of the Karras / exponential / beta schedules (default: the
-    /// smallest training sigma).
-    #[serde(deserialize_with = "lenient_opt_f64")]
-    pub sigma_min: Option<f64>,
-    /// Largest noise level of the Karras / exponential / beta schedules (default: the
-    /// largest training sigma).
-    #[serde(deserialize_with = "lenient_opt_f64")]
-    pub sigma_max: Option<f64>,
-    /// Flow-matching terminal shift; not supported (must be null).
-    #[serde(deserialize_with = "lenient_opt_f64")]
-    pub shift_terminal: Option<f64>,
-}
-
-impl Default for UniPcConfig {
-    fn default() -> Self {
-        Self {
-            num_train_timesteps: 1000,
-            beta_start: 0.0001,
-            beta_end: 0.02,
-            beta_schedule: BetaSchedule::Linear,
-            trained_betas: None,
-            solver_order: 2,
-            prediction_type: PredictionType::Epsilon,
-            thresholding: false,
-            dynamic_thresholding_ratio: 0.995,
-            sample_max_value: 1.0,
-            predict_x0: true,
-            solver_type: UniPcSolverType::Bh2,
-            lower_order_final: true,
-            disable_corrector: Vec::new(),
-            solver_p: None,
-            use_karras_sigmas: false,
-            use_exponential_sigmas: false,
-            use_beta_sigmas: false,
-            use_flow_sigmas: false,
-            flow_shift: 1.0,
-            timestep_spacing: TimestepSpacing::Linspace,
-            steps_offset: 0,
-            final_sigmas_type: FinalSigmasType::Zero,
-            rescale_betas_zero_snr: false,
-            use_dynamic_shifting: false,
-            time_shift_type: "exponential".into(),
-            sigma_min: None,
-            sigma_max: None,
-            shift_terminal: None,
-        }
+config_struct! {
+    /// The keys of a `UniPCMultistepScheduler` `scheduler_config.json`, with diffusers' defaults.
+    #[derive(Debug, Clone, PartialEq, Deserialize)]
+    pub struct UniPcConfig {
+        /// Training timesteps.
+        pub num_train_timesteps: usize = 1000,
+        /// First beta.
+        #[serde(deserialize_with = "lenient_f64")]
+        pub beta_start: f64 = 0.0001,
+        /// Last beta.
+        #[serde(deserialize_with = "lenient_f64")]
+        pub beta_end: f64 = 0.02,
+        /// Beta schedule (`linear`, `scaled_linear` or `squaredcos_cap_v2`).
+        pub beta_schedule: BetaSchedule = BetaSchedule::Linear,
+        /// Explicit betas, overriding the schedule.
+        pub trained_betas: Option<Vec<f64>> = None,
+        /// Order `p` of UniPC (any positive integer; the corrector raises the accuracy to `p + 1`).
+        pub solver_order: usize = 2,
+        /// What the model predicts.
+        pub prediction_type: PredictionType = PredictionType::Epsilon,
+        /// Imagen-style dynamic thresholding of the predicted `x0` (with `predict_x0` only).
+        pub thresholding: bool = false,
+        /// Quantile used by dynamic thresholding.
+        #[serde(deserialize_with = "lenient_f64")]
+        pub dynamic_thresholding_ratio: f64 = 0.995,
+        /// Upper bound of the dynamic threshold.
+        #[serde(deserialize_with = "lenient_f64")]
+        pub sample_max_value: f64 = 1.0,
+        /// Integrate the data prediction `x0` (UniPC with DPM-Solver++'s parametrisation);
+        /// otherwise the noise prediction.
+        pub predict_x0: bool = true,
+        /// `B(h)` of the update.
+        pub solver_type: UniPcSolverType = UniPcSolverType::Bh2,
+        /// Lower the order over the last steps (stabilises runs of fewer than 15 steps).
+        pub lower_order_final: bool = true,
+        /// Step indices whose *following* step skips the corrector (diffusers checks
+        /// `step_index - 1` against this list).
+        pub disable_corrector: Vec<i64> = Vec::new(),
+        /// Another scheduler used as predictor (`solver_p + UniC`); not supported, must be null.
+        pub solver_p: Option<Value> = None,
+        /// Karras et al. 2022 noise levels.
+        pub use_karras_sigmas: bool = false,
+        /// Noise levels evenly spaced in log space.
+        pub use_exponential_sigmas: bool = false,
+        /// Beta-distribution noise levels (Lee et al. 2024).
+        pub use_beta_sigmas: bool = false,
+        /// Flow-matching sigmas; not supported (must be false).
+        pub use_flow_sigmas: bool = false,
+        /// Flow-matching shift; only the default 1.0 is accepted.
+        #[serde(deserialize_with = "lenient_f64")]
+        pub flow_shift: f64 = 1.0,
+        /// How inference timesteps are placed.
+        pub timestep_spacing: TimestepSpacing = TimestepSpacing::Linspace,
+        /// Added to every timestep with `leading` spacing.
+        pub steps_offset: usize = 0,
+        /// The noise level after the last step.
+        pub final_sigmas_type: FinalSigmasType = FinalSigmasType::Zero,
+        /// Rescale betas to zero terminal SNR (the last `alpha_bar` becomes `2^-24`, as diffusers).
+        pub rescale_betas_zero_snr: bool = false,
+        /// Flow-matching dynamic shifting; not supported (must be false).
+        pub use_dynamic_shifting: bool = false,
+        /// Flow-matching time shift; only `"exponential"` (the default, unused) is accepted.
+        pub time_shift_type: String = "exponential".into(),
+        /// Smallest noise level of the Karras / exponential / beta schedules (default: the
+        /// smallest training sigma).
+        #[serde(deserialize_with = "lenient_opt_f64")]
+        pub sigma_min: Option<f64> = None,
+        /// Largest noise level of the Karras / exponential / beta schedules (default: the
+        /// largest training sigma).
+        #[serde(deserialize_with = "lenient_opt_f64")]
+        pub sigma_max: Option<f64> = None,
+        /// Flow-matching terminal shift; not supported (must be null).
+        #[serde(deserialize_with = "lenient_opt_f64")]
+        pub shift_terminal: Option<f64> = None,
     }
 }
 
