@@ -10,7 +10,7 @@
 //!    inference), then Gaussian noise `eps` (plus `noise_offset * N(0, 1)` per example and
 //!    channel when set) — in this order, from seeded host generators;
 //! 2. forms `x_t = sqrt(abar_t) x0 + sqrt(1 - abar_t) eps` in closed form from the model's
-//!    [`NoiseSchedule`] and the target (`eps`, `v` or `x0`, see [`target_coefficients`]);
+//!    [`NoiseSchedule`] and the target (`eps`, `v` or `x0`, see [`target_coefficients`](super::objective::target_coefficients));
 //! 3. computes the per-example mean squared error, weighted by min-SNR-gamma when set, and
 //!    averages it over the batch;
 //! 4. back-propagates; every `gradient_accumulation_steps` micro-batches the summed gradients
