@@ -295,7 +295,7 @@ impl LcmScheduler {
     /// diffusers' full `set_timesteps(num_inference_steps | timesteps,
     /// original_inference_steps, strength)`.
     ///
-    /// The distillation schedule is [`distillation_timesteps`] of `original_inference_steps`
+    /// The distillation schedule is `distillation_timesteps` of `original_inference_steps`
     /// (the argument, else the config's).
     pub fn set_timesteps_with(
         &mut self,

@@ -102,7 +102,7 @@ impl TcdScheduler {
     /// original_inference_steps, strength)`.
     ///
     /// Without `original_inference_steps` the distillation schedule is LCM's
-    /// ([`distillation_timesteps`] of the config's `original_inference_steps`). When it is
+    /// (`distillation_timesteps` of the config's `original_inference_steps`). When it is
     /// given, diffusers uses every training timestep `0, ..., floor(num_train_timesteps *
     /// strength) - 1` instead and the argument only bounds the step count; this is
     /// reproduced.
