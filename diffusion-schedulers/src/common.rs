@@ -1070,6 +1070,15 @@ pub fn repeat_after_first(x: &[f64]) -> Vec<f64> {
     out
 }
 
+/// Helpers of the samplers' unit tests.
+#[cfg(test)]
+pub(crate) mod test_util {
+    /// Integer timesteps as the `f64` the samplers use.
+    pub fn ts(v: &[i64]) -> Vec<f64> {
+        v.iter().map(|&t| t as f64).collect()
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -408,14 +408,11 @@ impl<T: SchedulerTensor> Scheduler<T> for LcmScheduler {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::common::test_util::ts;
     use diffusion_core::{FixedNoise, HostTensor, NoNoise};
 
     fn lcm() -> LcmScheduler {
         LcmScheduler::new(LcmConfig::default()).unwrap()
-    }
-
-    fn ts(v: &[i64]) -> Vec<f64> {
-        v.iter().map(|&t| t as f64).collect()
     }
 
     /// `scheduler.timesteps` printed by diffusers 0.42.1.

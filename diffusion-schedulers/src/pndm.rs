@@ -352,6 +352,7 @@ impl<T: SchedulerTensor> Scheduler<T> for PndmScheduler<T> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::common::test_util::ts;
     use diffusion_core::{HostTensor, NoNoise};
 
     fn scheduler(
@@ -366,10 +367,6 @@ mod tests {
             ..PndmConfig::default()
         })
         .unwrap()
-    }
-
-    fn ts(v: &[i64]) -> Vec<f64> {
-        v.iter().map(|&t| t as f64).collect()
     }
 
     /// `scheduler.timesteps` printed by diffusers 0.42.1 for 10 steps.

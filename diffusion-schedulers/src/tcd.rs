@@ -226,14 +226,11 @@ impl<T: SchedulerTensor> Scheduler<T> for TcdScheduler {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::common::test_util::ts;
     use diffusion_core::{FixedNoise, HostTensor, NoNoise};
 
     fn tcd() -> TcdScheduler {
         TcdScheduler::new(TcdConfig::default()).unwrap()
-    }
-
-    fn ts(v: &[i64]) -> Vec<f64> {
-        v.iter().map(|&t| t as f64).collect()
     }
 
     /// `scheduler.timesteps` printed by diffusers 0.42.1.

@@ -41,10 +41,12 @@
 //! turned non-finite (a float64-only degenerate step, flagged by the script) skip this
 //! check.
 
+mod common;
+
 use std::collections::BTreeSet;
 use std::path::Path;
 
-use diffusion_core::config::replace_non_finite_tokens;
+use common::{read_fixture, within};
 use diffusion_schedulers::trace::{TraceCase, TraceOutput, run_trace};
 use serde::Deserialize;
 use serde_json::Value;
@@ -99,11 +101,6 @@ struct CaseMeta {
     expected: Expected,
     f32_noise: F32Noise,
     expected_f64: ExpectedF64,
-}
-
-/// `err <= tol`, false for NaN.
-fn within(err: f64, tol: f64) -> bool {
-    err <= tol
 }
 
 /// `max|a - b| / max(1, max|b|)`; infinite when the lengths differ or `a` has a NaN.
@@ -257,15 +254,7 @@ fn compare(meta: &CaseMeta, out: &TraceOutput) -> CaseReport {
 }
 
 fn load_fixture(file: &str) -> Fixture {
-    let path = Path::new(FIXTURE_DIR).join(file);
-    let text = std::fs::read_to_string(&path).unwrap_or_else(|e| {
-        panic!(
-            "{}: {e} (run scripts/scheduler_reference.py)",
-            path.display()
-        )
-    });
-    serde_json::from_str(&replace_non_finite_tokens(&text))
-        .unwrap_or_else(|e| panic!("{}: {e}", path.display()))
+    read_fixture(&Path::new(FIXTURE_DIR).join(file))
 }
 
 fn check_fixture(file: &str) {

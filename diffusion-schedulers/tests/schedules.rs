@@ -24,7 +24,11 @@
 //!   diffusers with float32 promoted to float64 (the "twin", as in the parity tests); in
 //!   addition ours must equal the twin to 1e-12.
 
-use diffusion_core::config::replace_non_finite_tokens;
+mod common;
+
+use std::path::Path;
+
+use common::{read_fixture, within};
 use diffusion_core::{ConfigMap, HostTensor, SchedulerTensor};
 use diffusion_schedulers::{BetaSchedule, NoiseSchedule, registry};
 use serde::Deserialize;
@@ -75,9 +79,7 @@ struct ScheduleKeys {
 }
 
 fn load() -> Fixture {
-    let text = std::fs::read_to_string(FIXTURE)
-        .unwrap_or_else(|e| panic!("{FIXTURE}: {e} (run scripts/scheduler_reference.py)"));
-    serde_json::from_str(&replace_non_finite_tokens(&text)).expect("schedules.json")
+    read_fixture(Path::new(FIXTURE))
 }
 
 fn schedule(case: &Case) -> NoiseSchedule {
@@ -102,11 +104,6 @@ fn rescaled(case: &Case) -> bool {
 /// diffusers' float32 value, recovered exactly from its shortest decimal form.
 fn f32_value(v: f64) -> f64 {
     v as f32 as f64
-}
-
-/// `err <= tol`, false for NaN.
-fn within(err: f64, tol: f64) -> bool {
-    err <= tol
 }
 
 /// `max|a - b| / max(1, max|b|)`, as in the parity tests.
