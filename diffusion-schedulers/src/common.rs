@@ -926,7 +926,6 @@ pub struct KSchedule {
 /// Karras / exponential / beta spacing, `num_inference_steps` respaced sigmas
 /// ([`respace_sigmas`]) whose timesteps are recovered by [`sigma_to_t`] (rounded,
 /// numpy half-even, when `round_karras` is set and the spacing is Karras, as KDPM2 does).
-#[allow(clippy::too_many_arguments)]
 pub fn k_schedule(
     train_sigmas: &[f64],
     timesteps: Vec<f64>,

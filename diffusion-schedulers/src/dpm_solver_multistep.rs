@@ -341,6 +341,14 @@ impl Level {
     }
 }
 
+/// One solver update, from the reference point `s` to `t`; its length in half log-SNR is
+/// `h = lambda_t - lambda_s`.
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct SolverStep {
+    pub s: Level,
+    pub t: Level,
+}
+
 /// The last usable training timestep + 1 under `lambda_min_clipped`: `num_train_timesteps`
 /// minus the number of timesteps whose `lambda` is below the threshold (diffusers'
 /// `searchsorted` on the flipped lambda table).
@@ -593,8 +601,7 @@ impl ModelOutputConversion {
 ///   + sigma_t sqrt(e^{2h} - 1) z`
 pub(crate) fn first_order_update<T: SchedulerTensor>(
     algorithm_type: AlgorithmType,
-    t: Level,
-    s: Level,
+    SolverStep { s, t }: SolverStep,
     sample: &T,
     d0: &T,
     noise: Option<&T>,
@@ -657,12 +664,10 @@ fn need_noise<T>(noise: Option<&T>) -> Result<&T> {
 /// * SDE-DPM-Solver: `x_t = (alpha_t / alpha_s) x_s - 2 sigma_t (e^h - 1) D0 + c D1
 ///   + sigma_t sqrt(e^{2h} - 1) z`, with `c = -sigma_t (e^h - 1)` (midpoint) or
 ///   `-2 sigma_t ((e^h - 1) / h - 1)` (Heun)
-#[allow(clippy::too_many_arguments)]
 pub(crate) fn second_order_update<T: SchedulerTensor>(
     algorithm_type: AlgorithmType,
     solver_type: SolverType,
-    t: Level,
-    s: Level,
+    SolverStep { s, t }: SolverStep,
     sample: &T,
     d0: &T,
     d1: &T,
@@ -745,11 +750,9 @@ pub(crate) fn second_order_update<T: SchedulerTensor>(
 ///   + alpha_t ((1 - e^{-2h} - 2h) / (2h)^2 - 1/2) D2 + sigma_t sqrt(1 - e^{-2h}) z`
 ///
 /// diffusers has no third-order SDE-DPM-Solver (noise prediction) update.
-#[allow(clippy::too_many_arguments)]
 pub(crate) fn third_order_update<T: SchedulerTensor>(
     algorithm_type: AlgorithmType,
-    t: Level,
-    s: Level,
+    SolverStep { s, t }: SolverStep,
     sample: &T,
     d0: &T,
     d1: &T,
@@ -999,13 +1002,21 @@ impl<T: SchedulerTensor> Scheduler<T> for DpmSolverMultistepScheduler<T> {
         let (t, s0) = (level(idx + 1), level(idx));
         let algorithm = c.algorithm_type;
         let prev_sample = match order {
-            1 => first_order_update(algorithm, t, s0, sample, m[0], z.as_ref())?,
+            1 => first_order_update(algorithm, SolverStep { s: s0, t }, sample, m[0], z.as_ref())?,
             2 => {
                 let s1 = level(idx - 1);
                 let (m0, m1) = (m[0], m[1]);
                 let r0 = (s0.lambda - s1.lambda) / (t.lambda - s0.lambda);
                 let d1 = T::lincomb(&[(1.0 / r0, m0), (-1.0 / r0, m1)]);
-                second_order_update(algorithm, c.solver_type, t, s0, sample, m0, &d1, z.as_ref())?
+                second_order_update(
+                    algorithm,
+                    c.solver_type,
+                    SolverStep { s: s0, t },
+                    sample,
+                    m0,
+                    &d1,
+                    z.as_ref(),
+                )?
             }
             _ => {
                 let (s1, s2) = (level(idx - 1), level(idx - 2));
@@ -1018,7 +1029,15 @@ impl<T: SchedulerTensor> Scheduler<T> for DpmSolverMultistepScheduler<T> {
                 let w = r0 / (r0 + r1);
                 let d1 = T::lincomb(&[(1.0 + w, &d1_0), (-w, &d1_1)]);
                 let d2 = T::lincomb(&[(1.0 / (r0 + r1), &d1_0), (-1.0 / (r0 + r1), &d1_1)]);
-                third_order_update(algorithm, t, s0, sample, m0, &d1, Some(&d2), z.as_ref())?
+                third_order_update(
+                    algorithm,
+                    SolverStep { s: s0, t },
+                    sample,
+                    m0,
+                    &d1,
+                    Some(&d2),
+                    z.as_ref(),
+                )?
             }
         };
         if self.lower_order_nums < c.solver_order {

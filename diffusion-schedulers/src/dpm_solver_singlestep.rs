@@ -18,7 +18,7 @@ use crate::common::{
     TimestepSpacing, config_struct, finite_terminal_alphas_cumprod, multistep_timesteps,
 };
 use crate::dpm_solver_multistep::{
-    AlgorithmType, DpmSigmaOptions, Level, SolverType, clipped_last_timestep,
+    AlgorithmType, DpmSigmaOptions, Level, SolverStep, SolverType, clipped_last_timestep,
     deserialize_dpm_config, dpm_add_noise, dpm_base_timesteps, dpm_common_keys,
     dpm_index_for_timestep, dpm_sigma_table, first_order_update, null_as_false,
     second_order_update, third_order_update,
@@ -344,7 +344,10 @@ impl<T: SchedulerTensor> Scheduler<T> for DpmSolverSinglestepScheduler<T> {
         let t = level(idx + 1);
         let algorithm = c.algorithm_type;
         let prev_sample = match order {
-            1 => first_order_update(algorithm, t, level(idx), group_sample, m[0], z.as_ref())?,
+            1 => {
+                let step = SolverStep { s: level(idx), t };
+                first_order_update(algorithm, step, group_sample, m[0], z.as_ref())?
+            }
             2 => {
                 let (s0, s1) = (level(idx), level(idx - 1));
                 let (m0, m1) = (m[0], m[1]);
@@ -353,8 +356,7 @@ impl<T: SchedulerTensor> Scheduler<T> for DpmSolverSinglestepScheduler<T> {
                 second_order_update(
                     algorithm,
                     c.solver_type,
-                    t,
-                    s1,
+                    SolverStep { s: s1, t },
                     group_sample,
                     m1,
                     &d1,
@@ -372,8 +374,7 @@ impl<T: SchedulerTensor> Scheduler<T> for DpmSolverSinglestepScheduler<T> {
                 match c.solver_type {
                     SolverType::Midpoint => third_order_update(
                         algorithm,
-                        t,
-                        s2,
+                        SolverStep { s: s2, t },
                         group_sample,
                         m2,
                         &d1_1,
@@ -385,8 +386,7 @@ impl<T: SchedulerTensor> Scheduler<T> for DpmSolverSinglestepScheduler<T> {
                         let d2 = T::lincomb(&[(-2.0 / (r0 - r1), &d1_0), (2.0 / (r0 - r1), &d1_1)]);
                         third_order_update(
                             algorithm,
-                            t,
-                            s2,
+                            SolverStep { s: s2, t },
                             group_sample,
                             m2,
                             &d1,
