@@ -1,5 +1,7 @@
-//! Pieces shared by several samplers: config enums, timestep spacing, sigma schedules
-//! (Karras, exponential, beta), interpolation and prediction-type conversion.
+//! Pieces shared by several samplers: config enums and the `config_struct!` declarations,
+//! argument checks, numpy helpers, timestep spacing, sigma schedules (Karras, exponential,
+//! beta), step bookkeeping ([`StepIndex`]), prediction-type conversion, and the parts the
+//! VP multistep samplers and the k-diffusion samplers each have in common.
 
 use diffusion_core::{Error, Result, SchedulerTensor};
 use serde::{Deserialize, Serialize};
@@ -322,6 +324,19 @@ impl StepIndex {
         Ok(i)
     }
 
+    /// [`StepIndex::current`], or an error once the run has gone past the last step of
+    /// `schedule`.
+    pub fn current_within(&mut self, timestep: f64, schedule: &[f64]) -> Result<usize> {
+        let i = self.current(timestep, schedule)?;
+        if i >= schedule.len() {
+            return Err(Error::InvalidState(format!(
+                "step {i} is past the end of the {}-step schedule",
+                schedule.len()
+            )));
+        }
+        Ok(i)
+    }
+
     /// Moves to the next step.
     pub fn advance(&mut self) {
         if let Some(i) = self.step.as_mut() {
@@ -613,7 +628,8 @@ pub fn multistep_timesteps(
 // `set_timesteps` all (1) space integer timesteps by `timestep_spacing`
 // ([`multistep_timesteps`]), (2) turn them into noise levels, optionally respaced as
 // Karras / exponential / beta sigmas ([`vp_inference_sigmas`]), and (3) append a final
-// sigma, which each sampler chooses itself.
+// sigma, which each sampler chooses itself. Their `add_noise` works at the inference noise
+// levels ([`vp_add_noise_at`]) and their steps keep the last outputs in [`ModelOutputs`].
 // ---------------------------------------------------------------------------------------
 
 /// How a VP multistep solver places its inference noise levels.

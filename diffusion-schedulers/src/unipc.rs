@@ -526,13 +526,7 @@ impl<T: SchedulerTensor> Scheduler<T> for UniPcMultistepScheduler<T> {
             return Err(Error::InvalidState("call set_timesteps before step".into()));
         }
         check_same_shape(model_output, sample)?;
-        let i = self.index.current(timestep, &self.timesteps)?;
-        if i >= self.timesteps.len() {
-            return Err(Error::InvalidState(format!(
-                "step {i} is past the end of the {}-step schedule",
-                self.timesteps.len()
-            )));
-        }
+        let i = self.index.current_within(timestep, &self.timesteps)?;
 
         let order = self.config.solver_order;
         let converted = self.convert_model_output(model_output, sample, self.sigmas[i]);
