@@ -7,6 +7,11 @@ missing or unexpected weight is an error), checks every component's class, param
 that no weight was left at its random initialisation (every state-dict key of each component
 must come from the files), then runs the pipeline on a prompt and writes the image.
 
+With --latents FILE.npy (the initial latents, float32 [1, C, h, w]) and --compare-npy FILE.npy
+(the `[1, H, W, 3]` array `diffusion generate --latents FILE.npy --output-npy FILE.npy` wrote for
+the same prompt, steps and guidance with the model's own deterministic sampler), the script also
+reports the largest difference between diffusers' image and ours.
+
 Requirements: diffusers==0.42.1 transformers==5.24.0 torch (CPU is enough).
 
 Usage:
@@ -49,6 +54,8 @@ def main():
     ap.add_argument("--guidance", type=float, default=4.0)
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--out", default=None, help="where to write the generated image (PNG)")
+    ap.add_argument("--latents", default=None, help="initial latents (.npy, float32 [1, C, h, w])")
+    ap.add_argument("--compare-npy", default=None, help="our [1, H, W, 3] output for the same inputs")
     args = ap.parse_args()
 
     from diffusers import StableDiffusionPipeline
@@ -77,12 +84,14 @@ def main():
     print(f"  prompt ids: {ids}")
 
     generator = torch.Generator().manual_seed(args.seed)
+    latents = torch.from_numpy(np.load(args.latents)) if args.latents else None
     with torch.no_grad():
         result = pipe(
             args.prompt,
             num_inference_steps=args.steps,
             guidance_scale=args.guidance,
             generator=generator,
+            latents=latents,
             output_type="np",
         )
     image = result.images[0]
@@ -95,7 +104,15 @@ def main():
 
         Image.fromarray((image * 255).round().clip(0, 255).astype(np.uint8)).save(args.out)
         print(f"wrote {args.out}")
-    print(json.dumps({"ok": True, "height": h, "width": w}))
+    report = {"ok": True, "height": h, "width": w}
+    if args.compare_npy:
+        ours = np.load(args.compare_npy)[0]
+        if ours.shape != image.shape:
+            raise SystemExit(f"our image is {ours.shape}, diffusers' is {image.shape}")
+        diff = float(np.abs(ours - image).max())
+        print(f"max |ours - diffusers| = {diff:.3e} (pixel values in [0, 1])")
+        report["max_abs_diff"] = diff
+    print(json.dumps(report))
 
 
 if __name__ == "__main__":

@@ -399,6 +399,66 @@ fn save_grid(
     image_grid(images, columns)?.save_png(path, meta)
 }
 
+/// A batch prepared by the [`Prefetcher`]'s thread: images in `[-1, 1]` as `[n, 3, H, W]`,
+/// their captions, and the data stream's position after it.
+struct Batch {
+    images: Vec<f32>,
+    shape: [usize; 4],
+    captions: Vec<String>,
+    state: DataState,
+}
+
+/// Draws and decodes batches on a background thread (in stream order, so runs stay
+/// deterministic), while the device trains on the previous one.
+struct Prefetcher {
+    rx: std::sync::mpsc::Receiver<Result<Batch>>,
+    state: DataState,
+}
+
+impl Prefetcher {
+    fn new(mut data: TrainingData, batch: usize) -> Self {
+        let state = data.state();
+        let (tx, rx) = std::sync::mpsc::sync_channel(4);
+        std::thread::spawn(move || {
+            loop {
+                let next = data.next_batch(batch).and_then(|examples| {
+                    let refs: Vec<&RgbImage> = examples.iter().map(|e| &e.0).collect();
+                    let (images, shape) = images_to_signed_chw(&refs)?;
+                    Ok(Batch {
+                        images,
+                        shape,
+                        captions: examples.into_iter().map(|e| e.1).collect(),
+                        state: data.state(),
+                    })
+                });
+                let failed = next.is_err();
+                if tx.send(next).is_err() || failed {
+                    break;
+                }
+            }
+        });
+        Self { rx, state }
+    }
+
+    /// The next batch (its images on `device`) and its captions.
+    fn next<Bk: Backend>(&mut self, device: &Bk::Device) -> Result<(Tensor<Bk, 4>, Vec<String>)> {
+        let b = self
+            .rx
+            .recv()
+            .map_err(|_| Error::InvalidState("the data thread stopped".into()))??;
+        self.state = b.state;
+        Ok((
+            Tensor::from_data(TensorData::new(b.images, b.shape), device),
+            b.captions,
+        ))
+    }
+
+    /// The stream position after the last batch handed out.
+    fn state(&self) -> DataState {
+        self.state.clone()
+    }
+}
+
 /// A running mean for the progress bar.
 struct Smooth(Option<f64>);
 
@@ -468,6 +528,7 @@ fn train_vae<B: AutodiffBackend>(
     let start = trainer.step_count();
     let batch = trainer.config().batch_size;
     let accum = trainer.config().optimizer.gradient_accumulation_steps;
+    let mut data = Prefetcher::new(data, batch);
     eprintln!(
         "VAE stage: {} parameters, {side}x{side} images, batch {batch} x {accum}, steps {start}..{}",
         burn::module::Module::num_params(trainer.model()),
@@ -491,9 +552,8 @@ fn train_vae<B: AutodiffBackend>(
         let (mut loss, mut rec, mut kl) = (0.0, 0.0, 0.0);
         let mut done = None;
         for _ in 0..accum {
-            let examples = data.next_batch(batch)?;
-            let refs: Vec<&RgbImage> = examples.iter().map(|e| &e.0).collect();
-            let report = trainer.step(images_tensor::<B::InnerBackend>(&refs, device)?)?;
+            let (images, _) = data.next::<B::InnerBackend>(device)?;
+            let report = trainer.step(images)?;
             loss += report.loss / accum as f64;
             rec += report.reconstruction / accum as f64;
             kl += report.kl / accum as f64;
@@ -726,6 +786,7 @@ fn train_unet<B: AutodiffBackend>(
     let side = arch.image_size();
     let mut data = open_data(&state.dataset, side, trainer.config().seed)?;
     data.restore(&state.data)?;
+    let mut data = Prefetcher::new(data, trainer.config().batch_size);
     let mut latent_noise = SeededNoise::new(0);
     *latent_noise.rng_mut() = restore_chacha20(state.latent_noise.as_ref().ok_or_else(|| {
         Error::InvalidState("the run state has no latent noise generator".into())
@@ -760,13 +821,12 @@ fn train_unet<B: AutodiffBackend>(
         let mut loss = 0.0;
         let mut done = None;
         for _ in 0..accum {
-            let examples = data.next_batch(batch)?;
-            let refs: Vec<&RgbImage> = examples.iter().map(|e| &e.0).collect();
-            let ids = examples
+            let (images, captions) = data.next::<B::InnerBackend>(device)?;
+            let ids = captions
                 .iter()
-                .map(|e| tokenizer.encode(&e.1))
+                .map(|c| tokenizer.encode(c))
                 .collect::<Result<Vec<_>>>()?;
-            let posterior = vae.encode(images_tensor::<B::InnerBackend>(&refs, device)?)?;
+            let posterior = vae.encode(images)?;
             let shape = posterior.mean.dims();
             let eps: Vec<f32> = latent_noise
                 .sample(&shape)?

@@ -296,7 +296,7 @@ impl<B: AutodiffBackend> DenoiserTrainer<B> {
             .timestep_sampling
             .sample(&mut self.rng, num_train, n)?;
         let p = self.config.condition_dropout;
-        let dropped: Vec<bool> = (0..n).map(|_| self.rng.random::<f64>() < p).collect();
+        let dropped = draw_condition_dropout(&mut self.rng, n, p);
         let noise = draw_noise(&mut self.noise, [n, c, h, w], self.config.noise_offset)?;
         let ids: Vec<&[u32]> = input_ids
             .iter()
@@ -417,6 +417,12 @@ impl<B: AutodiffBackend> DenoiserTrainer<B> {
     }
 }
 
+/// Which of `n` captions are dropped: one uniform draw per example, dropped when below `p`
+/// (the trainer's rule).
+pub fn draw_condition_dropout(rng: &mut impl Rng, n: usize, p: f64) -> Vec<bool> {
+    (0..n).map(|_| rng.random::<f64>() < p).collect()
+}
+
 /// Standard-normal noise of `shape` from `noise` (as f32), plus `offset * N(0, 1)` per
 /// example and channel when `offset` is not 0 (drawn after the main noise).
 fn draw_noise(noise: &mut SeededNoise, shape: [usize; 4], offset: f64) -> Result<Vec<f32>> {
@@ -508,4 +514,72 @@ pub fn denoising_loss<B: Backend>(
         (per_example * Tensor::<B, 1>::from_data(TensorData::new(wts, [n]), device)).mean()
     };
     Ok(loss)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn condition_dropout_draws_follow_the_rate() {
+        let mut rng = ChaCha8Rng::seed_from_u64(11);
+        for p in [0.0, 0.1, 0.5, 1.0] {
+            let n = 20_000;
+            let k = draw_condition_dropout(&mut rng, n, p)
+                .iter()
+                .filter(|&&d| d)
+                .count();
+            let rate = k as f64 / n as f64;
+            // Standard deviation of the rate: sqrt(p (1 - p) / n) <= 0.0036.
+            assert!((rate - p).abs() <= 0.011, "p {p}: rate {rate}");
+        }
+    }
+
+    #[test]
+    fn offset_noise_shifts_whole_planes() {
+        let a = draw_noise(&mut SeededNoise::new(3), [2, 3, 4, 4], 0.0).unwrap();
+        let b = draw_noise(&mut SeededNoise::new(3), [2, 3, 4, 4], 0.5).unwrap();
+        for plane in 0..6 {
+            let d: Vec<f32> = (0..16)
+                .map(|i| b[plane * 16 + i] - a[plane * 16 + i])
+                .collect();
+            assert!(
+                d.iter().all(|x| (x - d[0]).abs() < 1e-5),
+                "plane {plane}: {d:?}"
+            );
+            assert!(d[0] != 0.0);
+        }
+    }
+
+    #[test]
+    fn invalid_settings_are_config_errors() {
+        let bad = [
+            DenoiserTrainingConfig {
+                condition_dropout: 1.5,
+                ..Default::default()
+            },
+            DenoiserTrainingConfig {
+                noise_offset: -1.0,
+                ..Default::default()
+            },
+            DenoiserTrainingConfig {
+                min_snr_gamma: Some(0.0),
+                ..Default::default()
+            },
+            DenoiserTrainingConfig {
+                batch_size: 0,
+                ..Default::default()
+            },
+        ];
+        for c in bad {
+            assert!(
+                matches!(c.validate(), Err(Error::InvalidConfig { .. })),
+                "{c:?}"
+            );
+        }
+        let mut c = DenoiserTrainingConfig::default();
+        c.optimizer.gradient_accumulation_steps = 0;
+        assert!(c.validate().is_err());
+        DenoiserTrainingConfig::default().validate().unwrap();
+    }
 }
