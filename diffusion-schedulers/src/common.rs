@@ -692,13 +692,9 @@ pub fn vp_inference_sigmas(
 ) -> VpInferenceSigmas {
     let train = sigmas_from_alphas_cumprod(alphas_cumprod);
     if spacing == SigmaSpacing::Timesteps {
-        let grid: Vec<f64> = (0..train.len()).map(|i| i as f64).collect();
         return VpInferenceSigmas {
             timesteps: timesteps.to_vec(),
-            sigmas: timesteps
-                .iter()
-                .map(|&t| interp(t, &grid, &train))
-                .collect(),
+            sigmas: sigmas_at_timesteps(&train, timesteps),
         };
     }
     let log_sigmas: Vec<f64> = train.iter().map(|s| s.ln()).collect();
@@ -712,14 +708,23 @@ pub fn vp_inference_sigmas(
         SigmaSpacing::Timesteps => unreachable!("handled above"),
     };
     let round = round_karras && spacing == SigmaSpacing::Karras;
-    let timesteps = sigmas
+    VpInferenceSigmas {
+        timesteps: vp_timesteps_of_sigmas(&sigmas, &log_sigmas, round),
+        sigmas,
+    }
+}
+
+/// The integer training timesteps of respaced VP noise levels: [`sigma_to_t`] of each,
+/// rounded (numpy half-even) when `round`, else truncated toward zero as diffusers' `int64`
+/// cast does.
+pub fn vp_timesteps_of_sigmas(sigmas: &[f64], log_sigmas: &[f64], round: bool) -> Vec<f64> {
+    sigmas
         .iter()
         .map(|&s| {
-            let t = sigma_to_t(s, &log_sigmas);
+            let t = sigma_to_t(s, log_sigmas);
             if round { np_round(t) } else { t.trunc() }
         })
-        .collect();
-    VpInferenceSigmas { timesteps, sigmas }
+        .collect()
 }
 
 /// `(alpha_t, sigma_t)` of the VP process at noise level `sigma = sigma_t / alpha_t`:

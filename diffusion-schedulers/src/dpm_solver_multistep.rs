@@ -24,10 +24,10 @@ use crate::common::{
     FinalSigmasType, ModelOutputs, PredictionType, SigmaSpacing, StepIndex, TimestepSchedule,
     TimestepSpacing, VpInferenceSigmas, check_custom_timesteps, check_steps, config_struct,
     dynamic_threshold, finite_terminal_alphas_cumprod, linspace, multistep_order,
-    multistep_timesteps, np_round, sigma_to_t, vp_add_noise_at, vp_alpha_sigma,
-    vp_inference_sigmas, vp_pred_eps, vp_pred_x0,
+    multistep_timesteps, vp_add_noise_at, vp_alpha_sigma, vp_inference_sigmas, vp_pred_eps,
+    vp_pred_x0, vp_timesteps_of_sigmas,
 };
-use crate::schedule::{BetaSchedule, NoiseSchedule, check_same_shape};
+use crate::schedule::{BetaSchedule, NoiseSchedule, check_same_shape, sigmas_from_alphas_cumprod};
 use crate::scheduler::{Scheduler, StepOutput};
 
 /// The `algorithm_type` key: which ODE/SDE the solver discretises.
@@ -438,23 +438,19 @@ pub(crate) fn dpm_sigma_table(
 /// largest to the smallest training log-sigma, i.e. uniform steps in `lambda`, with their
 /// training timesteps.
 fn lu_lambda_sigmas(alphas_cumprod: &[f64], n: usize, round: bool) -> VpInferenceSigmas {
-    let log_sigmas: Vec<f64> = alphas_cumprod
+    let log_sigmas: Vec<f64> = sigmas_from_alphas_cumprod(alphas_cumprod)
         .iter()
-        .map(|a| ((1.0 - a) / a).sqrt().ln())
+        .map(|s| s.ln())
         .collect();
     let (lo, hi) = (log_sigmas[0], log_sigmas[log_sigmas.len() - 1]);
     let sigmas: Vec<f64> = linspace(0.0, 1.0, n)
         .into_iter()
         .map(|r| (hi + r * (lo - hi)).exp())
         .collect();
-    let timesteps = sigmas
-        .iter()
-        .map(|&s| {
-            let t = sigma_to_t(s, &log_sigmas);
-            if round { np_round(t) } else { t.trunc() }
-        })
-        .collect();
-    VpInferenceSigmas { timesteps, sigmas }
+    VpInferenceSigmas {
+        timesteps: vp_timesteps_of_sigmas(&sigmas, &log_sigmas, round),
+        sigmas,
+    }
 }
 
 /// Custom timesteps as diffusers takes them (`np.array(timesteps).astype(np.int64)`).
