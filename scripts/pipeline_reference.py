@@ -12,8 +12,16 @@ steps, guidance, latents, recorded noise, init image, mask) and
 diffusion-pipelines/tests/fixtures/pipelines.safetensors (each case's output images, float32
 [batch, H, W, 3] in [0, 1], diffusers' output_type="np").
 
+With --precision it writes instead diffusion-pipelines/tests/fixtures/precision.{json,safetensors}:
+three text-to-image cases (sd1-tiny DPM-Solver++, sd2-tiny DDIM v-prediction, unet-sdxl-tiny
+Euler) each run in float32 and in the Rust pipeline's reduced-precision policy
+(`Precision::half`) for float16 and bfloat16: U-Net and text encoder(s) in the low dtype, the
+VAE, the latents, the sampler and the guidance arithmetic in float32, every attention
+computed in float32 (see mixed_precision()). The Rust test (tests/precision.rs) bounds its
+own f16/bf16 error by the error PyTorch's run of the same policy shows against float32.
+
 Requirements: pip install diffusers==0.42.1 transformers==5.24.0 torch numpy safetensors
-Usage: python3 scripts/pipeline_reference.py
+Usage: python3 scripts/pipeline_reference.py [--precision]
 """
 
 import json
@@ -213,5 +221,103 @@ def main():
     print("wrote", len(cases), "cases")
 
 
+# ---------------------------------------------------------------------------------------
+# Reduced precision: the Rust pipeline's Precision::half policy, reproduced in diffusers.
+# ---------------------------------------------------------------------------------------
+_original_sdpa = torch.nn.functional.scaled_dot_product_attention
+
+
+def _sdpa_in_f32(query, key, value, *args, **kwargs):
+    """Attention computed in float32 for half-precision inputs, cast back (the Rust models
+    upcast CLIP's attention always and the U-Net's with Precision::attention_f32)."""
+    dtype = query.dtype
+    if dtype in (torch.float16, torch.bfloat16):
+        out = _original_sdpa(query.float(), key.float(), value.float(), *args, **kwargs)
+        return out.to(dtype)
+    return _original_sdpa(query, key, value, *args, **kwargs)
+
+
+def mixed_precision(pipe, dtype):
+    """Casts the U-Net and the text encoder(s) to `dtype`; the VAE stays float32. Hooks make
+    the U-Net take float32 inputs (cast to `dtype` on entry, except the timestep, whose
+    sinusoidal embedding diffusers computes in float32 anyway) and return float32, so the
+    latents, the sampler and the guidance stay in float32, as in the Rust pipeline."""
+    pipe.unet.to(dtype)
+    pipe.text_encoder.to(dtype)
+    if getattr(pipe, "text_encoder_2", None) is not None:
+        pipe.text_encoder_2.to(dtype)
+
+    def cast(x):
+        if isinstance(x, torch.Tensor) and x.is_floating_point():
+            return x.to(dtype)
+        if isinstance(x, dict):
+            return {k: cast(v) for k, v in x.items()}
+        return x
+
+    def pre(module, args, kwargs):
+        args = list(args)
+        args[0] = cast(args[0])
+        kwargs = {k: (v if k == "timestep" else cast(v)) for k, v in kwargs.items()}
+        return tuple(args), kwargs
+
+    def post(module, args, kwargs, output):
+        if isinstance(output, tuple):
+            return tuple(o.float() if isinstance(o, torch.Tensor) else o for o in output)
+        output.sample = output.sample.float()
+        return output
+
+    handles = [
+        pipe.unet.register_forward_pre_hook(pre, with_kwargs=True),
+        pipe.unet.register_forward_hook(post, with_kwargs=True),
+    ]
+    return handles
+
+
+def main_precision():
+    torch.set_grad_enabled(False)
+    torch.nn.functional.scaled_dot_product_attention = _sdpa_in_f32
+    cases = []
+    outputs = {}
+    specs = [
+        ("sd1-tiny", StableDiffusionPipeline, "dpm++2m", 7.5, "blurry, low quality", 1234),
+        ("sd2-tiny", StableDiffusionPipeline, "ddim", 7.5, "blurry, low quality", 1234),
+        ("unet-sdxl-tiny", StableDiffusionXLPipeline, "euler", 5.0, "blurry", 7),
+    ]
+    prompt = "a red circle on a blue background"
+    for model, cls, sched, guidance, neg, lat_seed in specs:
+        for dtype_name, dtype in (("f32", torch.float32), ("f16", torch.float16), ("bf16", torch.bfloat16)):
+            kwargs = {"safety_checker": None} if cls is StableDiffusionPipeline else {}
+            pipe = cls.from_pretrained(os.path.join(MODELS, model), torch_dtype=torch.float32, **kwargs)
+            pipe.set_progress_bar_config(disable=True)
+            pipe.scheduler = SCHEDULERS[sched].from_config(pipe.scheduler.config)
+            if dtype != torch.float32:
+                mixed_precision(pipe, dtype)
+            vsf = pipe.vae_scale_factor
+            h = w = pipe.unet.config.sample_size * vsf
+            lat = np.random.default_rng(lat_seed).standard_normal((1, 4, h // vsf, w // vsf)).astype(np.float32)
+            _patch_randn()
+            _reset_draws(50)
+            images = pipe(prompt=prompt, negative_prompt=neg, guidance_scale=guidance, height=h, width=w,
+                          num_inference_steps=4, latents=torch.tensor(lat), output_type="np",
+                          generator=torch.Generator().manual_seed(50)).images
+            name = f"{model}/txt2img/{sched}/{dtype_name}"
+            outputs[name] = torch.tensor(np.asarray(images, dtype=np.float32)).contiguous()
+            cases.append({"name": name, "model": model, "dtype": dtype_name, "scheduler": sched,
+                          "prompt": prompt, "negative_prompt": neg, "guidance_scale": guidance,
+                          "num_inference_steps": 4, "height": h, "width": w,
+                          "latents": lat.tolist(), "noise": [list(d) for d in _draws]})
+            print(f"{name}: {outputs[name].shape} draws={len(_draws)}", flush=True)
+    torch.nn.functional.scaled_dot_product_attention = _original_sdpa
+    os.makedirs(OUT, exist_ok=True)
+    meta = {"diffusers_version": diffusers.__version__, "torch_version": torch.__version__, "cases": cases}
+    with open(os.path.join(OUT, "precision.json"), "w") as f:
+        json.dump(meta, f)
+    save_file(outputs, os.path.join(OUT, "precision.safetensors"))
+    print("wrote", len(cases), "cases")
+
+
 if __name__ == "__main__":
-    main()
+    if "--precision" in sys.argv[1:]:
+        main_precision()
+    else:
+        main()

@@ -7,6 +7,7 @@ pub mod clip;
 pub mod loading;
 
 pub mod nn;
+pub mod precision;
 pub mod unet;
 pub mod unet2d;
 pub mod vae;

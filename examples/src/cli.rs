@@ -11,7 +11,7 @@ use clap::{Args, ValueEnum};
 use diffusion_pipelines::core::{Error, ModelDir, Result, SeededNoise};
 use diffusion_pipelines::image_io::{NpyArray, RgbImage};
 use diffusion_pipelines::models::tokenizer::ClipTokenizer;
-use diffusion_pipelines::stable_diffusion::{GenerateOptions, StableDiffusionPipeline};
+use diffusion_pipelines::stable_diffusion::{GenerateOptions, Precision, StableDiffusionPipeline};
 use indicatif::{ProgressBar, ProgressStyle};
 
 /// Where the model runs.
@@ -30,10 +30,22 @@ pub enum DeviceKind {
 pub enum DType {
     /// 32-bit floats.
     F32,
-    /// 16-bit IEEE floats.
+    /// 16-bit IEEE floats for the U-Net and text encoder (VAE and sampler in f32).
     F16,
-    /// bfloat16.
+    /// bfloat16 for the U-Net and text encoder (VAE and sampler in f32).
     Bf16,
+}
+
+impl DType {
+    /// The pipeline precision: [`Precision::f32`] or [`Precision::half`] (U-Net and text
+    /// encoders in the low dtype; the VAE, the sampler and the attention in f32).
+    pub fn precision(self) -> Precision {
+        match self {
+            DType::F32 => Precision::f32(),
+            DType::F16 => Precision::half(burn::tensor::FloatDType::F16),
+            DType::Bf16 => Precision::half(burn::tensor::FloatDType::BF16),
+        }
+    }
 }
 
 /// `diffusion generate` arguments.
@@ -91,7 +103,9 @@ pub struct GenerateArgs {
     /// Where to run.
     #[arg(long, value_enum, default_value_t = DeviceKind::Cpu)]
     pub device: DeviceKind,
-    /// Precision.
+    /// Precision of the U-Net and text encoder. f16/bf16 need a backend with those types
+    /// (cuda; wgpu with shader-f16); the VAE decode, the sampler and the attention softmax
+    /// stay in f32.
     #[arg(long, value_enum, default_value_t = DType::F32)]
     pub dtype: DType,
 }
@@ -153,12 +167,6 @@ pub fn info(model: Option<&Path>) -> Result<()> {
 
 /// `diffusion generate`.
 pub fn generate(args: &GenerateArgs) -> Result<()> {
-    if args.dtype != DType::F32 {
-        return Err(Error::Unsupported(format!(
-            "--dtype {:?}: this build runs f32 only",
-            args.dtype
-        )));
-    }
     match args.device {
         #[cfg(feature = "ndarray")]
         DeviceKind::Cpu => run::<burn::backend::NdArray<f32>>(args, &Default::default()),
@@ -196,6 +204,16 @@ fn load_mask(path: &Path, width: u32, height: u32) -> Result<Vec<f32>> {
 }
 
 fn run<B: Backend>(args: &GenerateArgs, device: &B::Device) -> Result<()> {
+    // Before anything is read: a backend without the dtype is a typed error, not a panic.
+    let precision = args.dtype.precision();
+    precision.check::<B>(device).map_err(|e| match e {
+        Error::Unsupported(msg) => Error::Unsupported(format!(
+            "--dtype {} on --device {}: {msg}",
+            format!("{:?}", args.dtype).to_lowercase(),
+            format!("{:?}", args.device).to_lowercase()
+        )),
+        other => other,
+    })?;
     let dir = model_dir(args.model.as_deref())?;
     if !(args.strength > 0.0 && args.strength <= 1.0) {
         return Err(Error::InvalidArgument(format!(
@@ -252,7 +270,8 @@ fn run<B: Backend>(args: &GenerateArgs, device: &B::Device) -> Result<()> {
     }
 
     let load_start = Instant::now();
-    let mut pipe = StableDiffusionPipeline::<B>::from_pretrained(&dir, device)?;
+    let mut pipe =
+        StableDiffusionPipeline::<B>::from_pretrained_with_precision(&dir, device, precision)?;
     if let Some(name) = &args.scheduler {
         pipe.set_scheduler_by_name(name)?;
     }
@@ -324,6 +343,10 @@ fn run<B: Backend>(args: &GenerateArgs, device: &B::Device) -> Result<()> {
         ("steps".to_string(), args.steps.to_string()),
         ("guidance".to_string(), args.guidance.to_string()),
         ("scheduler".to_string(), pipe.scheduler().name().to_string()),
+        (
+            "dtype".to_string(),
+            format!("{:?}", args.dtype).to_lowercase(),
+        ),
         ("model".to_string(), dir.display().to_string()),
     ];
     for (i, img) in out.images.iter().enumerate() {

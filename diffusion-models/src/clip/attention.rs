@@ -8,6 +8,8 @@ use burn::tensor::backend::Backend;
 use burn::tensor::module::attention;
 use burn::tensor::ops::AttentionModuleOptions;
 
+use crate::nn::{cast_to, upcast_dtype};
+
 /// Configuration of [`ClipAttention`].
 #[derive(Config, Debug)]
 pub struct ClipAttentionConfig {
@@ -32,6 +34,7 @@ impl ClipAttentionConfig {
 }
 
 /// Multi-head self-attention with a causal mask: token `i` attends to tokens `0..=i`.
+/// In a model running in `f16` / `bf16`, the attention itself is computed in `f32`.
 ///
 /// Keys: `q_proj`, `k_proj`, `v_proj`, `out_proj` (each `weight` and `bias`). The attention
 /// itself is Burn's fused [`attention`] op (scale `1/sqrt(head_dim)`, `is_causal`), which
@@ -73,7 +76,18 @@ impl<B: Backend> ClipAttention<B> {
             softcap: None,
             is_causal: true,
         };
-        let out = attention(q, k, v, None, None, options)
+        // f16 / bf16: the scores and the softmax run in f32 (cast back after).
+        let dtype = q.dtype();
+        let wide = upcast_dtype(dtype);
+        let out = attention(
+            cast_to(q, wide),
+            cast_to(k, wide),
+            cast_to(v, wide),
+            None,
+            None,
+            options,
+        );
+        let out = cast_to(out, dtype)
             .swap_dims(1, 2)
             .reshape([batch, seq, width]);
         self.out_proj.forward(out)

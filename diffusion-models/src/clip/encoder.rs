@@ -9,6 +9,7 @@ use burn::tensor::backend::Backend;
 use super::activation::ClipActivation;
 use super::attention::{ClipAttention, ClipAttentionConfig};
 use super::mlp::{ClipMlp, ClipMlpConfig};
+use crate::nn::layer_norm;
 
 /// Configuration of [`ClipEncoderLayer`] and [`ClipEncoder`].
 #[derive(Config, Debug)]
@@ -78,8 +79,8 @@ impl<B: Backend> ClipEncoderLayer<B> {
     /// - x: `[batch, seq, hidden_size]`
     /// - output: `[batch, seq, hidden_size]`
     pub fn forward(&self, x: Tensor<B, 3>) -> Tensor<B, 3> {
-        let x = x.clone() + self.self_attn.forward(self.layer_norm1.forward(x));
-        x.clone() + self.mlp.forward(self.layer_norm2.forward(x))
+        let x = x.clone() + self.self_attn.forward(layer_norm(&self.layer_norm1, x));
+        x.clone() + self.mlp.forward(layer_norm(&self.layer_norm2, x))
     }
 }
 

@@ -14,6 +14,7 @@ use super::config::ClipTextConfig;
 use super::embeddings::{ClipTextEmbeddings, ClipTextEmbeddingsConfig};
 use super::encoder::{ClipEncoder, ClipEncoderConfig};
 use crate::loading::{LoadOptions, load_module};
+use crate::nn::layer_norm;
 
 /// The `eos_token_id` of legacy CLIP configs, for which transformers pools at
 /// `argmax(input_ids)` instead of at the first end-of-text token.
@@ -167,7 +168,7 @@ impl<B: Backend> ClipTextModel<B> {
             .last()
             .cloned()
             .expect("the encoder returns at least its input");
-        let last_hidden_state = self.final_layer_norm.forward(last);
+        let last_hidden_state = layer_norm(&self.final_layer_norm, last);
         let pooler_output = self.pool(last_hidden_state.clone(), input_ids);
         Ok(ClipTextOutput {
             last_hidden_state,

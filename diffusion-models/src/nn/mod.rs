@@ -31,9 +31,9 @@ pub use transformer_block::{BasicTransformerBlock, BasicTransformerBlockConfig};
 pub use upsample::{Upsample2D, Upsample2DConfig};
 
 use burn::module::{Module, ModuleVisitor, Param};
-use burn::nn::GroupNorm;
+use burn::nn::{GroupNorm, LayerNorm};
 use burn::tensor::backend::Backend;
-use burn::tensor::{Bool, DType, Int, Tensor};
+use burn::tensor::{Bool, DType, FloatDType, Int, Tensor};
 
 /// Counts the parameters of `module` without initialising them.
 ///
@@ -67,6 +67,12 @@ pub(crate) fn upcast_dtype(dtype: DType) -> DType {
         _ if dtype.is_float() => DType::F32,
         _ => dtype,
     }
+}
+
+/// Whether `dtype` is a float format narrower than `f32` (`f16`, `bf16`), whose
+/// precision-sensitive steps (normalisation statistics, attention) run in `f32`.
+pub fn is_reduced_precision(dtype: DType) -> bool {
+    dtype.is_float() && upcast_dtype(dtype) != dtype
 }
 
 /// Casts `x` to `dtype` unless it already has it.
@@ -111,6 +117,28 @@ pub(crate) fn group_norm<B: Backend, const D: usize>(
         }
         _ => normalized,
     }
+}
+
+/// Layer normalisation over the last dimension that, for `f16` / `bf16` inputs, runs in
+/// `f32` (statistics, normalisation and the affine transform, with `f32` copies of `gamma`
+/// and `beta`) and casts the result back, as PyTorch's half-precision `layer_norm`
+/// accumulates in `f32` (the squared deviations of CLIP's large activations overflow
+/// `f16`). `f32` and `f64` inputs go through Burn's [`LayerNorm::forward`] unchanged.
+///
+/// # Shapes
+///
+/// - input: `[..., d_model]`
+/// - output: `[..., d_model]`
+pub fn layer_norm<B: Backend, const D: usize>(
+    norm: &LayerNorm<B>,
+    x: Tensor<B, D>,
+) -> Tensor<B, D> {
+    let dtype = x.dtype();
+    if !is_reduced_precision(dtype) {
+        return norm.forward(x);
+    }
+    let wide = crate::precision::cast_module(norm.clone(), FloatDType::F32);
+    cast_to(wide.forward(cast_to(x, DType::F32)), dtype)
 }
 
 #[cfg(test)]

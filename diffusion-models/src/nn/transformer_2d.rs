@@ -154,6 +154,13 @@ impl<B: Backend> Transformer2DModel<B> {
             block.set_chunking(chunking);
         }
     }
+
+    /// Sets whether every attention layer runs in `f32` for `f16` / `bf16` inputs.
+    pub fn set_upcast(&mut self, upcast: bool) {
+        for block in &mut self.transformer_blocks {
+            block.set_upcast(upcast);
+        }
+    }
 }
 
 #[cfg(test)]

@@ -9,7 +9,7 @@ use burn::tensor::backend::Backend;
 
 use super::{
     Attention, AttentionChunking, AttentionConfig, FeedForward, FeedForwardActivation,
-    FeedForwardConfig,
+    FeedForwardConfig, layer_norm,
 };
 
 /// Configuration of a [`BasicTransformerBlock`]; defaults are diffusers'.
@@ -121,7 +121,7 @@ impl<B: Backend> BasicTransformerBlock<B> {
     /// - context: `[batch, context_tokens, cross_attention_dim]`
     /// - output: `[batch, tokens, dim]`
     pub fn forward(&self, hidden: Tensor<B, 3>, context: Option<Tensor<B, 3>>) -> Tensor<B, 3> {
-        let normed = self.norm1.forward(hidden.clone());
+        let normed = layer_norm(&self.norm1, hidden.clone());
         let ctx1 = if self.only_cross_attention {
             context.clone()
         } else {
@@ -129,10 +129,10 @@ impl<B: Backend> BasicTransformerBlock<B> {
         };
         let mut hidden = self.attn1.forward(normed, ctx1) + hidden;
         if let (Some(norm2), Some(attn2)) = (&self.norm2, &self.attn2) {
-            let normed = norm2.forward(hidden.clone());
+            let normed = layer_norm(norm2, hidden.clone());
             hidden = attn2.forward(normed, context) + hidden;
         }
-        let normed = self.norm3.forward(hidden.clone());
+        let normed = layer_norm(&self.norm3, hidden.clone());
         self.ff.forward(normed) + hidden
     }
 
@@ -141,6 +141,15 @@ impl<B: Backend> BasicTransformerBlock<B> {
         self.attn1.chunking = chunking;
         if let Some(attn2) = &mut self.attn2 {
             attn2.chunking = chunking;
+        }
+    }
+
+    /// Sets whether the block's attention layers run in `f32` for `f16` / `bf16` inputs
+    /// (see [`Attention::upcast`]).
+    pub fn set_upcast(&mut self, upcast: bool) {
+        self.attn1.upcast = upcast;
+        if let Some(attn2) = &mut self.attn2 {
+            attn2.upcast = upcast;
         }
     }
 }

@@ -166,6 +166,13 @@ impl<B: Backend> DownBlock2D<B> {
             .iter_mut()
             .for_each(|a| a.set_chunking(chunking));
     }
+
+    /// Sets whether the block's attention layers run in `f32` for `f16` / `bf16` inputs.
+    pub fn set_attention_upcast(&mut self, upcast: bool) {
+        self.attentions
+            .iter_mut()
+            .for_each(|a| a.set_upcast(upcast));
+    }
 }
 
 /// The mid block: ResNet, then (transformer, ResNet) pairs for `UNetMidBlock2DCrossAttn`;
@@ -224,6 +231,13 @@ impl<B: Backend> MidBlock2D<B> {
         self.attentions
             .iter_mut()
             .for_each(|a| a.set_chunking(chunking));
+    }
+
+    /// Sets whether the block's attention layers run in `f32` for `f16` / `bf16` inputs.
+    pub fn set_attention_upcast(&mut self, upcast: bool) {
+        self.attentions
+            .iter_mut()
+            .for_each(|a| a.set_upcast(upcast));
     }
 }
 
@@ -322,5 +336,12 @@ impl<B: Backend> UpBlock2D<B> {
         self.attentions
             .iter_mut()
             .for_each(|a| a.set_chunking(chunking));
+    }
+
+    /// Sets whether the block's attention layers run in `f32` for `f16` / `bf16` inputs.
+    pub fn set_attention_upcast(&mut self, upcast: bool) {
+        self.attentions
+            .iter_mut()
+            .for_each(|a| a.set_upcast(upcast));
     }
 }

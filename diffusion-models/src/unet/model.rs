@@ -6,7 +6,7 @@ use burn::nn::{
     Embedding, EmbeddingConfig, GroupNorm, GroupNormConfig, Linear, LinearConfig, PaddingConfig2d,
 };
 use burn::tensor::backend::Backend;
-use burn::tensor::{ElementConversion, Int, Tensor};
+use burn::tensor::{DType, ElementConversion, Int, Tensor};
 use diffusion_core::model_dir::ROOT;
 use diffusion_core::{Error, ModelDir, Result};
 
@@ -16,7 +16,7 @@ use super::config::{
 };
 use crate::loading::{LoadOptions, load_component};
 use crate::nn::{
-    Activation, AttentionChunking, TimestepEmbedding, TimestepEmbeddingConfig, Timesteps,
+    Activation, AttentionChunking, TimestepEmbedding, TimestepEmbeddingConfig, Timesteps, cast_to,
     group_norm,
 };
 
@@ -273,6 +273,11 @@ impl<B: Backend> UNet2DConditionModel<B> {
     /// `timesteps` holds one (possibly fractional) timestep per batch element, or a single
     /// one for the whole batch. Missing or mis-shaped conditioning is an error.
     ///
+    /// The model computes in the dtype of its weights ([`dtype`](Self::dtype)): the float
+    /// inputs are cast to it on entry, and the output is cast back to the dtype of `sample`,
+    /// so an `f16` model takes and returns `f32` tensors like an `f32` one. The sinusoidal
+    /// timestep embeddings are computed in `f32` before the cast.
+    ///
     /// # Shapes
     ///
     /// - sample: `[batch, in_channels, height, width]` (any height/width)
@@ -305,7 +310,10 @@ impl<B: Backend> UNet2DConditionModel<B> {
                 self.cross_attention_dim
             )));
         }
-        let dtype = sample.dtype();
+        let out_dtype = sample.dtype();
+        let dtype = self.dtype();
+        let sample = cast_to(sample, dtype);
+        let encoder_hidden_states = cast_to(encoder_hidden_states, dtype);
 
         // 1. Time (+ class, + text_time) embedding.
         let timesteps = match timesteps.dims()[0] {
@@ -322,7 +330,7 @@ impl<B: Backend> UNet2DConditionModel<B> {
             (Some(c), Some(proj)) => {
                 let expected = proj.weight.val().dims()[0];
                 check_2d(c, batch, expected, "timestep_cond")?;
-                Some(c.clone())
+                Some(cast_to(c.clone(), dtype))
             }
             (None, Some(_)) => {
                 return Err(Error::InvalidArgument(
@@ -364,7 +372,10 @@ impl<B: Backend> UNet2DConditionModel<B> {
                 .forward(time_ids.clone().reshape([batch * ids]))
                 .reshape([batch, ids * proj.num_channels]);
             let add = Tensor::cat(
-                vec![text_embeds.clone(), crate::nn::cast_to(time_embeds, dtype)],
+                vec![
+                    cast_to(text_embeds.clone(), dtype),
+                    cast_to(time_embeds, dtype),
+                ],
                 1,
             );
             emb = emb + embedding.forward(add, None);
@@ -418,7 +429,7 @@ impl<B: Backend> UNet2DConditionModel<B> {
         let hidden = self
             .conv_act
             .forward(group_norm(&self.conv_norm_out, hidden));
-        Ok(self.conv_out.forward(hidden))
+        Ok(cast_to(self.conv_out.forward(hidden), out_dtype))
     }
 
     fn has_cross_attention(&self) -> bool {
@@ -435,7 +446,7 @@ impl<B: Backend> UNet2DConditionModel<B> {
         kind: ClassEmbedType,
         labels: Option<&ClassLabels<B>>,
         batch: usize,
-        dtype: burn::tensor::DType,
+        dtype: DType,
     ) -> Result<Tensor<B, 2>> {
         let missing = || {
             Error::InvalidArgument(format!(
@@ -475,7 +486,7 @@ impl<B: Backend> UNet2DConditionModel<B> {
                 Some(ClassEmbedding::Mlp(mlp)),
             ) => {
                 check_2d(v, batch, dim, "class_labels")?;
-                mlp.forward(v.clone(), None)
+                mlp.forward(cast_to(v.clone(), dtype), None)
             }
             (
                 ClassEmbedType::SimpleProjection(dim),
@@ -483,7 +494,7 @@ impl<B: Backend> UNet2DConditionModel<B> {
                 Some(ClassEmbedding::Linear(l)),
             ) => {
                 check_2d(v, batch, dim, "class_labels")?;
-                l.forward(v.clone())
+                l.forward(cast_to(v.clone(), dtype))
             }
             (ClassEmbedType::Identity, ClassLabels::Vectors(v), None) => {
                 let width = self.time_embedding.linear_2.weight.val().dims()[1];
@@ -507,6 +518,26 @@ impl<B: Backend> UNet2DConditionModel<B> {
         self.up_blocks
             .iter_mut()
             .for_each(|b| b.set_chunking(chunking));
+    }
+
+    /// Sets whether every attention layer computes `softmax(q k^T) v` in `f32` when the model
+    /// runs in `f16` / `bf16` (no effect on `f32` / `f64` models). Overrides the config's
+    /// `upcast_attention` for every layer.
+    pub fn set_attention_upcast(&mut self, upcast: bool) {
+        self.down_blocks
+            .iter_mut()
+            .for_each(|b| b.set_attention_upcast(upcast));
+        if let Some(mid) = &mut self.mid_block {
+            mid.set_attention_upcast(upcast);
+        }
+        self.up_blocks
+            .iter_mut()
+            .for_each(|b| b.set_attention_upcast(upcast));
+    }
+
+    /// The dtype the model computes in: that of its weights (`conv_in.weight`).
+    pub fn dtype(&self) -> DType {
+        self.conv_in.weight.val().dtype()
     }
 }
 

@@ -5,7 +5,7 @@ use burn::module::Module;
 use burn::nn::conv::{Conv2d, Conv2dConfig};
 use burn::nn::{GroupNorm, GroupNormConfig, PaddingConfig2d};
 use burn::tensor::backend::Backend;
-use burn::tensor::{Tensor, TensorData};
+use burn::tensor::{DType, Tensor, TensorData};
 use diffusion_core::model_dir::ROOT;
 use diffusion_core::{Error, ModelDir, Result};
 
@@ -13,7 +13,7 @@ use super::config::AutoencoderKLConfig;
 use crate::loading::{LoadOptions, load_component};
 use crate::nn::{
     Activation, Attention, AttentionChunking, AttentionConfig, Downsample2D, Downsample2DConfig,
-    ResnetBlock2D, ResnetBlock2DConfig, Upsample2D, Upsample2DConfig, group_norm,
+    ResnetBlock2D, ResnetBlock2DConfig, Upsample2D, Upsample2DConfig, cast_to, group_norm,
 };
 
 /// The diagonal Gaussian posterior returned by [`AutoencoderKL::encode`].
@@ -461,20 +461,32 @@ impl<B: Backend> AutoencoderKL<B> {
         Ok(())
     }
 
+    /// The dtype the decoder computes in: that of its weights (`decoder.conv_in.weight`).
+    /// [`encode`](Self::encode) and [`decode`](Self::decode) cast their input to the weights'
+    /// dtype and their result back to the input's, so an `f16` VAE takes and returns `f32`.
+    pub fn dtype(&self) -> DType {
+        self.decoder.conv_in.weight.val().dtype()
+    }
+
     fn moments(&self, x: Tensor<B, 4>) -> Tensor<B, 4> {
+        let out_dtype = x.dtype();
+        let x = cast_to(x, self.encoder.conv_in.weight.val().dtype());
         let h = self.encoder.forward(x);
-        match &self.quant_conv {
+        let h = match &self.quant_conv {
             Some(q) => q.forward(h),
             None => h,
-        }
+        };
+        cast_to(h, out_dtype)
     }
 
     fn decode_tile(&self, z: Tensor<B, 4>) -> Tensor<B, 4> {
+        let out_dtype = z.dtype();
+        let z = cast_to(z, self.dtype());
         let z = match &self.post_quant_conv {
             Some(p) => p.forward(z),
             None => z,
         };
-        self.decoder.forward(z)
+        cast_to(self.decoder.forward(z), out_dtype)
     }
 
     /// Encodes images (in `[-1, 1]`) into the latent posterior; tiles when automatic tiling

@@ -8,14 +8,17 @@
 
 mod guidance;
 mod options;
+mod precision;
 
 use std::ops::ControlFlow;
 use std::path::Path;
 
 use burn::tensor::backend::Backend;
-use burn::tensor::{Int, Tensor, TensorData};
+use burn::tensor::{DType, Int, Tensor, TensorData, get_device_settings};
 use diffusion_core::{ConfigMap, Error, ModelDir, NoiseSource, Result};
 use diffusion_models::clip::{ClipTextModel, ClipTextModelWithProjection};
+use diffusion_models::nn::layer_norm;
+use diffusion_models::precision::cast_module;
 use diffusion_models::tensor::BurnTensor;
 use diffusion_models::tokenizer::ClipTokenizer;
 use diffusion_models::unet::{UNet2DConditionConfig, UNet2DConditionModel, UNetConditioning};
@@ -24,6 +27,7 @@ use diffusion_schedulers::{Scheduler, registry};
 
 pub use guidance::{classifier_free_guidance, guidance_scale_embedding, rescale_guidance};
 pub use options::{GenerateOptions, GenerateOutput, StepCallback, StepInfo};
+pub use precision::Precision;
 
 use crate::image_io::RgbImage;
 
@@ -67,6 +71,26 @@ pub struct StableDiffusionPipeline<B: Backend> {
     parts: PipelineParts<B>,
     device: B::Device,
     vae_scale_factor: usize,
+    precision: Precision,
+}
+
+impl<B: Backend> PipelineParts<B> {
+    /// Casts the networks to `precision` (which must have been checked), taking each one by
+    /// value so that its old weights are released parameter by parameter.
+    fn cast(self, precision: &Precision) -> Self {
+        let mut unet = cast_module(self.unet, precision.unet);
+        unet.set_attention_upcast(precision.attention_f32);
+        Self {
+            unet,
+            vae: cast_module(self.vae, precision.vae),
+            text_encoder: cast_module(self.text_encoder, precision.text_encoder),
+            text_encoder_2: self.text_encoder_2.map(|second| SecondTextEncoder {
+                text_encoder: cast_module(second.text_encoder, precision.text_encoder),
+                tokenizer: second.tokenizer,
+            }),
+            ..self
+        }
+    }
 }
 
 impl<B: Backend> StableDiffusionPipeline<B> {
@@ -74,6 +98,20 @@ impl<B: Backend> StableDiffusionPipeline<B> {
     /// `vae/`, `text_encoder/`, `tokenizer/`, `scheduler/`, and for SDXL `text_encoder_2/`,
     /// `tokenizer_2/`). The scheduler is the class named in its config.
     pub fn from_pretrained(dir: impl AsRef<Path>, device: &B::Device) -> Result<Self> {
+        Self::from_pretrained_with_precision(dir, device, Precision::f32())
+    }
+
+    /// [`from_pretrained`](Self::from_pretrained) running the networks in `precision`, e.g.
+    /// `Precision::half(FloatDType::F16)`. The backend's support for the dtypes is checked
+    /// first: an unsupported one (`NdArray` has no `f16` / `bf16`) is
+    /// [`Error::Unsupported`] before anything is read. The weights are loaded in `f32` and
+    /// cast one tensor at a time.
+    pub fn from_pretrained_with_precision(
+        dir: impl AsRef<Path>,
+        device: &B::Device,
+        precision: Precision,
+    ) -> Result<Self> {
+        precision.check::<B>(device)?;
         let dir = ModelDir::open(dir)?;
         let unet_config = UNet2DConditionConfig::from_config_map(&dir.config("unet")?)?;
         let unet = UNet2DConditionModel::load(&dir, "unet", None, device)?;
@@ -101,30 +139,60 @@ impl<B: Backend> StableDiffusionPipeline<B> {
             .and_then(|i| i.options.get("force_zeros_for_empty_prompt"))
             .and_then(|v| v.as_bool())
             .unwrap_or(text_encoder_2.is_some());
-        Self::from_parts(
-            PipelineParts {
-                unet,
-                unet_config,
-                vae,
-                text_encoder,
-                tokenizer,
-                text_encoder_2,
-                scheduler,
-                scheduler_config,
-                force_zeros_for_empty_prompt,
-            },
-            device,
-        )
+        let parts = PipelineParts {
+            unet,
+            unet_config,
+            vae,
+            text_encoder,
+            tokenizer,
+            text_encoder_2,
+            scheduler,
+            scheduler_config,
+            force_zeros_for_empty_prompt,
+        };
+        let mut pipe = Self::from_parts(parts, device)?;
+        if precision != Precision::f32() {
+            pipe.parts = pipe.parts.cast(&precision);
+            pipe.precision = precision;
+        }
+        Ok(pipe)
     }
 
-    /// Assembles a pipeline from loaded parts.
+    /// Assembles a pipeline from loaded parts (run in whatever dtype their weights have;
+    /// [`precision`](Self::precision) reports `f32` until [`set_precision`](Self::set_precision)).
     pub fn from_parts(parts: PipelineParts<B>, device: &B::Device) -> Result<Self> {
         let vae_scale_factor = parts.vae.downsampling_factor;
         Ok(Self {
             parts,
             device: device.clone(),
             vae_scale_factor,
+            precision: Precision::f32(),
         })
+    }
+
+    /// The precision the networks were last set to.
+    pub fn precision(&self) -> Precision {
+        self.precision
+    }
+
+    /// Casts the networks to `precision`. An unsupported dtype is [`Error::Unsupported`]
+    /// and leaves the pipeline as it was. While a network is cast, its old and new weights
+    /// coexist (load with [`from_pretrained_with_precision`](Self::from_pretrained_with_precision)
+    /// to avoid that peak); casting down and back to `f32` keeps the rounding of the
+    /// narrower format.
+    pub fn set_precision(&mut self, precision: Precision) -> Result<()> {
+        precision.check::<B>(&self.device)?;
+        let mut unet = cast_module(self.parts.unet.clone(), precision.unet);
+        unet.set_attention_upcast(precision.attention_f32);
+        self.parts.unet = unet;
+        self.parts.vae = cast_module(self.parts.vae.clone(), precision.vae);
+        self.parts.text_encoder =
+            cast_module(self.parts.text_encoder.clone(), precision.text_encoder);
+        if let Some(second) = &mut self.parts.text_encoder_2 {
+            second.text_encoder = cast_module(second.text_encoder.clone(), precision.text_encoder);
+        }
+        self.precision = precision;
+        Ok(())
     }
 
     /// The parts, e.g. to reach the U-Net.
@@ -132,9 +200,16 @@ impl<B: Backend> StableDiffusionPipeline<B> {
         &self.parts
     }
 
-    /// Replaces the U-Net (e.g. by an inpainting U-Net sharing the other components).
+    /// Replaces the U-Net (e.g. by an inpainting U-Net sharing the other components). It is
+    /// cast to the pipeline's [`precision`](Self::precision) when that is not `f32`.
     pub fn replace_unet(&mut self, unet: UNet2DConditionModel<B>, config: UNet2DConditionConfig) {
-        self.parts.unet = unet;
+        self.parts.unet = if self.precision == Precision::f32() {
+            unet
+        } else {
+            let mut unet = cast_module(unet, self.precision.unet);
+            unet.set_attention_upcast(self.precision.attention_f32);
+            unet
+        };
         self.parts.unet_config = config;
     }
 
@@ -197,6 +272,9 @@ impl<B: Backend> StableDiffusionPipeline<B> {
     /// layers earlier passed through the final layer norm. SDXL: the penultimate hidden
     /// states (`clip_skip` more layers back) of both encoders concatenated, and the second
     /// encoder's projected pooled output.
+    ///
+    /// The embeddings are returned in the device's default float dtype (`f32`) whatever the
+    /// text encoders' precision.
     pub fn encode_text(
         &self,
         texts: &[String],
@@ -208,13 +286,12 @@ impl<B: Backend> StableDiffusionPipeline<B> {
             None => {
                 let hidden = match clip_skip {
                     None => out.last_hidden_state,
-                    Some(k) => self
-                        .parts
-                        .text_encoder
-                        .final_layer_norm
-                        .forward(out.hidden_state_from_end(k + 1)?),
+                    Some(k) => layer_norm(
+                        &self.parts.text_encoder.final_layer_norm,
+                        out.hidden_state_from_end(k + 1)?,
+                    ),
                 };
-                Ok((hidden, None))
+                Ok((to_default_float(hidden), None))
             }
             Some(second) => {
                 let skip = clip_skip.unwrap_or(0);
@@ -225,7 +302,10 @@ impl<B: Backend> StableDiffusionPipeline<B> {
                 let pooled = out2.text_embeds.ok_or_else(|| {
                     Error::InvalidState("text_encoder_2 returned no projected embeddings".into())
                 })?;
-                Ok((Tensor::cat(vec![h1, h2], 2), Some(pooled)))
+                Ok((
+                    to_default_float(Tensor::cat(vec![h1, h2], 2)),
+                    Some(to_default_float(pooled)),
+                ))
             }
         }
     }
@@ -643,6 +723,13 @@ impl<B: Backend> StableDiffusionPipeline<B> {
         let eps = self.randn(shape, noise)?;
         Ok(self.parts.vae.scale_latents(posterior.sample(eps)?))
     }
+}
+
+/// Casts to the device's default float dtype (`f32` for `Backend<f32>`) unless already
+/// there: the text encoders' outputs when they run in reduced precision.
+fn to_default_float<B: Backend, const D: usize>(x: Tensor<B, D>) -> Tensor<B, D> {
+    let dtype: DType = get_device_settings::<B>(&x.device()).float_dtype.into();
+    if x.dtype() == dtype { x } else { x.cast(dtype) }
 }
 
 fn repeat_interleave3<B: Backend>(x: Tensor<B, 3>, n: usize) -> Tensor<B, 3> {
