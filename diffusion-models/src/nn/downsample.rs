@@ -4,9 +4,10 @@ use burn::config::Config;
 use burn::module::Module;
 use burn::nn::PaddingConfig2d;
 use burn::nn::conv::{Conv2d, Conv2dConfig};
-use burn::tensor::Tensor;
 use burn::tensor::backend::Backend;
-use burn::tensor::module::avg_pool2d;
+use burn::tensor::module::{avg_pool2d, conv2d};
+use burn::tensor::ops::ConvOptions;
+use burn::tensor::{DType, Tensor, get_device_settings};
 
 /// Configuration of a [`Downsample2D`]; defaults are diffusers'.
 #[derive(Config, Debug)]
@@ -66,7 +67,30 @@ impl<B: Backend> Downsample2D<B> {
     ///   + 2 padding - 3) / 2) + 1` for the convolution and `floor(height / 2)` for pooling
     pub fn forward(&self, x: Tensor<B, 4>) -> Tensor<B, 4> {
         match &self.conv {
-            Some(conv) => conv.forward(x),
+            Some(conv) => match conv.padding {
+                // Burn 0.21 pads an asymmetrically padded convolution with `Tensor::pad`, whose
+                // fill tensor has the device's default float dtype: an f16 / bf16 input then
+                // fails to be assigned into it. Pad in the input's dtype instead.
+                PaddingConfig2d::Explicit(top, left, bottom, right)
+                    if (top, left) != (bottom, right)
+                        && x.dtype()
+                            != DType::from(get_device_settings::<B>(&x.device()).float_dtype) =>
+                {
+                    let [b, c, h, w] = x.dims();
+                    let padded = Tensor::<B, 4>::zeros(
+                        [b, c, h + top + bottom, w + left + right],
+                        (&x.device(), x.dtype()),
+                    )
+                    .slice_assign([0..b, 0..c, top..top + h, left..left + w], x);
+                    conv2d(
+                        padded,
+                        conv.weight.val(),
+                        conv.bias.as_ref().map(|bias| bias.val()),
+                        ConvOptions::new(conv.stride, [0, 0], conv.dilation, conv.groups),
+                    )
+                }
+                _ => conv.forward(x),
+            },
             None => avg_pool2d(x, [2, 2], [2, 2], [0, 0], true, false),
         }
     }
