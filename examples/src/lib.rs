@@ -3,5 +3,6 @@
 
 pub mod cli;
 pub mod embedded;
+pub mod quality;
 pub mod train_cli;
 pub mod weights;

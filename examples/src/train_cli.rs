@@ -379,7 +379,8 @@ fn progress(total: usize, start: usize) -> ProgressBar {
     bar
 }
 
-fn interrupt_flag() -> Arc<AtomicBool> {
+/// A flag set by Ctrl-C (the handler is installed once per process).
+pub fn interrupt_flag() -> Arc<AtomicBool> {
     let flag = Arc::new(AtomicBool::new(false));
     let f = flag.clone();
     // Only one handler per process; a second install just leaves the first in place.

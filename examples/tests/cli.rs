@@ -305,3 +305,85 @@ fn copy_recursively(from: &Path, to: &Path) {
         std::fs::copy(from, to).unwrap();
     }
 }
+
+/// With no `--model`, `generate` runs the embedded shapes model: a 64x64 image with the
+/// generation settings in its PNG text chunks.
+#[test]
+fn generate_uses_the_embedded_model() {
+    let dir = tempfile::tempdir().unwrap();
+    let out = dir.path().join("shape.png");
+    let o = diffusion(&[
+        "generate",
+        "--prompt",
+        "a red circle on a blue background",
+        "--steps",
+        "4",
+        "--seed",
+        "3",
+        "--output",
+        out.to_str().unwrap(),
+    ]);
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let img = RgbImage::open(&out).unwrap();
+    assert_eq!((img.width, img.height), (64, 64));
+    let png = std::fs::read(&out).unwrap();
+    let text = String::from_utf8_lossy(&png);
+    assert!(text.contains("a red circle on a blue background"));
+}
+
+/// `evaluate` scores every (sampler, guidance) pair over the held-out prompts and writes
+/// the counts as JSON; bad sampler specs are one-line errors.
+#[test]
+fn evaluate_writes_scores() {
+    let dir = tempfile::tempdir().unwrap();
+    let json = dir.path().join("q.json");
+    let o = diffusion(&[
+        "evaluate",
+        "--prompts",
+        "3",
+        "--samplers",
+        "euler:2,ddim:2",
+        "--guidance",
+        "1,7.5",
+        "--json",
+        json.to_str().unwrap(),
+    ]);
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let v: Value = serde_json::from_str(&std::fs::read_to_string(&json).unwrap()).unwrap();
+    let runs = v["runs"].as_array().unwrap();
+    let pairs: Vec<(String, f64)> = runs
+        .iter()
+        .map(|r| {
+            (
+                r["sampler"].as_str().unwrap().to_string(),
+                r["guidance"].as_f64().unwrap(),
+            )
+        })
+        .collect();
+    assert_eq!(
+        pairs,
+        [
+            ("euler".to_string(), 1.0),
+            ("euler".to_string(), 7.5),
+            ("ddim".to_string(), 1.0),
+            ("ddim".to_string(), 7.5)
+        ]
+    );
+    for r in runs {
+        let s = &r["score"];
+        assert_eq!(s["images"], 3);
+        for key in ["found", "color", "background", "shape", "size", "position"] {
+            assert!(s[key].as_u64().unwrap() <= 3, "{key}");
+        }
+    }
+    let stdout = String::from_utf8_lossy(&o.stdout);
+    assert!(stdout.contains("| euler | 2 | 7.5 |"), "{stdout}");
+    assert_one_line_error(
+        &diffusion(&["evaluate", "--samplers", "euler"]),
+        "NAME:STEPS",
+    );
+    assert_one_line_error(
+        &diffusion(&["evaluate", "--samplers", "nonsense:3", "--prompts", "1"]),
+        "nonsense",
+    );
+}

@@ -7,6 +7,9 @@
 //! the size and the position so that short prompts ("a red circle on a blue background")
 //! are in distribution. Images are drawn with 4x4 supersampling for smooth edges.
 
+use std::collections::HashSet;
+use std::sync::LazyLock;
+
 use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
 
@@ -176,6 +179,38 @@ impl ShapeScene {
     }
 }
 
+/// How many scenes [`held_out_scenes`] holds back from training.
+pub const HELD_OUT_COUNT: usize = 200;
+
+/// The seed of the held-out scene draw (fixed: it defines the evaluation set).
+const HELD_OUT_SEED: u64 = 0x5EED_0EA1;
+
+static HELD_OUT: LazyLock<(Vec<ShapeScene>, HashSet<ShapeScene>)> = LazyLock::new(|| {
+    let mut rng = ChaCha8Rng::seed_from_u64(HELD_OUT_SEED);
+    let mut list = Vec::with_capacity(HELD_OUT_COUNT);
+    let mut set = HashSet::with_capacity(HELD_OUT_COUNT);
+    while list.len() < HELD_OUT_COUNT {
+        let scene = ShapeScene::random(&mut rng);
+        if set.insert(scene) {
+            list.push(scene);
+        }
+    }
+    (list, set)
+});
+
+/// The [`HELD_OUT_COUNT`] distinct scenes (of the 3024 shape x colour x background x size x
+/// position combinations) that [`ShapesDataset`] never draws by default: the evaluation set
+/// of the quality table (docs/QUALITY.md), so that it measures prompts the model has not
+/// been trained on. Always the same scenes, in the same order.
+pub fn held_out_scenes() -> &'static [ShapeScene] {
+    &HELD_OUT.0
+}
+
+/// Whether `scene` is one of the [`held_out_scenes`].
+pub fn is_held_out(scene: &ShapeScene) -> bool {
+    HELD_OUT.1.contains(scene)
+}
+
 /// An endless, seeded stream of (image, caption) pairs.
 #[derive(Debug, Clone)]
 pub struct ShapesDataset {
@@ -185,6 +220,8 @@ pub struct ShapesDataset {
     pub p_size: f64,
     /// Probability that a caption mentions the position.
     pub p_position: f64,
+    /// Skip the [`held_out_scenes`] (on by default).
+    pub exclude_held_out: bool,
 }
 
 impl ShapesDataset {
@@ -195,6 +232,7 @@ impl ShapesDataset {
             side,
             p_size: 0.5,
             p_position: 0.5,
+            exclude_held_out: true,
         }
     }
 
@@ -216,7 +254,10 @@ impl ShapesDataset {
 
     /// The next example: the scene, its image and a caption.
     pub fn next_example(&mut self) -> (ShapeScene, RgbImage, String) {
-        let scene = ShapeScene::random(&mut self.rng);
+        let mut scene = ShapeScene::random(&mut self.rng);
+        while self.exclude_held_out && is_held_out(&scene) {
+            scene = ShapeScene::random(&mut self.rng);
+        }
         let size = self.rng.random_bool(self.p_size);
         let position = self.rng.random_bool(self.p_position);
         let caption = scene.caption_with(size, position);
@@ -361,6 +402,60 @@ pub fn analyse(image: &RgbImage) -> Option<Analysis> {
     })
 }
 
+/// Prompt adherence over many generated images: how often the analyser reads back each
+/// attribute the prompt asked for.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, serde::Serialize)]
+pub struct AdherenceScore {
+    /// Images scored.
+    pub images: usize,
+    /// Images where a shape was found at all.
+    pub found: usize,
+    /// Shape colour correct.
+    pub color: usize,
+    /// Background colour correct.
+    pub background: usize,
+    /// Shape kind correct.
+    pub shape: usize,
+    /// Size class correct.
+    pub size: usize,
+    /// Position (of nine) correct.
+    pub position: usize,
+    /// All five attributes correct.
+    pub all: usize,
+}
+
+impl AdherenceScore {
+    /// Scores one image generated for `asked` (`read` is [`analyse`]'s answer; `None`
+    /// counts as wrong on every attribute).
+    pub fn add(&mut self, asked: &ShapeScene, read: Option<&Analysis>) {
+        self.images += 1;
+        let Some(a) = read else { return };
+        self.found += 1;
+        let ok = [
+            a.color == asked.color,
+            a.background == asked.background,
+            a.shape == asked.shape,
+            a.size == asked.size,
+            a.position == asked.position,
+        ];
+        self.color += ok[0] as usize;
+        self.background += ok[1] as usize;
+        self.shape += ok[2] as usize;
+        self.size += ok[3] as usize;
+        self.position += ok[4] as usize;
+        self.all += ok.iter().all(|&b| b) as usize;
+    }
+
+    /// `count / images` (0 when nothing was scored).
+    pub fn rate(&self, count: usize) -> f64 {
+        if self.images == 0 {
+            0.0
+        } else {
+            count as f64 / self.images as f64
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -409,6 +504,50 @@ mod tests {
             "shape {}",
             correct[2]
         );
+    }
+
+    #[test]
+    fn held_out_scenes_are_distinct_and_never_drawn() {
+        let held = held_out_scenes();
+        assert_eq!(held.len(), HELD_OUT_COUNT);
+        let set: HashSet<_> = held.iter().copied().collect();
+        assert_eq!(set.len(), HELD_OUT_COUNT);
+        let mut data = ShapesDataset::new(8, 1);
+        for _ in 0..5000 {
+            assert!(!set.contains(&data.next_example().0));
+        }
+        // Turned off, the stream does reach held-out scenes (3024 combinations).
+        let mut data = ShapesDataset::new(8, 1);
+        data.exclude_held_out = false;
+        assert!((0..5000).any(|_| set.contains(&data.next_example().0)));
+    }
+
+    #[test]
+    fn adherence_counts_each_attribute() {
+        let asked = ShapeScene {
+            shape: Shape::Square,
+            color: 2,
+            background: 6,
+            size: 1,
+            position: 4,
+        };
+        let mut score = AdherenceScore::default();
+        score.add(&asked, analyse(&asked.render(64)).as_ref());
+        let mut moved = asked;
+        moved.position = 0;
+        score.add(&asked, analyse(&moved.render(64)).as_ref());
+        score.add(&asked, None);
+        assert_eq!(
+            (
+                score.images,
+                score.found,
+                score.color,
+                score.position,
+                score.all
+            ),
+            (3, 2, 2, 1, 1)
+        );
+        assert!((score.rate(score.color) - 2.0 / 3.0).abs() < 1e-12);
     }
 
     #[test]

@@ -233,7 +233,7 @@ impl ModelArchitecture {
             unet,
             vae,
             text_encoder,
-            scheduler: sd_scheduler_config(PredictionType::Epsilon),
+            scheduler: trailing(sd_scheduler_config(PredictionType::Epsilon)),
             tokenizer: TokenizerFiles::clip_bpe_1000(32),
         }
     }
@@ -352,6 +352,18 @@ impl ModelArchitecture {
             );
         }
     }
+}
+
+/// "trailing" timestep spacing with no offset (Lin et al. 2023, Table 2): inference
+/// timesteps end at 999, and any step count up to all 1000 training timesteps is valid
+/// (with SD's "leading" + `steps_offset: 1`, 1000 DDPM steps would ask for timestep 1000).
+/// The training schedule is unchanged.
+fn trailing(mut config: serde_json::Value) -> serde_json::Value {
+    if let Some(map) = config.as_object_mut() {
+        map.insert("timestep_spacing".into(), "trailing".into());
+        map.insert("steps_offset".into(), 0.into());
+    }
+    config
 }
 
 fn strings(v: &[&str]) -> Vec<String> {

@@ -5,6 +5,8 @@
 //!     [--steps N] [--guidance F] [--seed N] [--height H] [--width W] [--num-images N]
 //!     [--latents FILE.npy] [--init-image FILE --strength F] [--mask FILE]
 //!     [--output OUT.png] [--output-npy OUT.npy] [--device cpu|wgpu|cuda] [--dtype f32|f16|bf16]
+//! diffusion train --stage vae|unet --out RUN [...]
+//! diffusion evaluate [--model DIR] [--guidance 1,3,7.5] [--samplers ddpm:1000,...]
 //! diffusion tokenize --model DIR TEXT
 //! diffusion info --model DIR
 //! ```
@@ -31,6 +33,8 @@ enum Command {
     Generate(GenerateArgs),
     /// Train a small latent text-to-image model (VAE stage, then U-Net + text encoder).
     Train(diffusion_examples::train_cli::TrainArgs),
+    /// Score prompt adherence of a shapes model per sampler and guidance (docs/QUALITY.md).
+    Evaluate(diffusion_examples::quality::EvaluateArgs),
     /// Print the token ids of a text as a JSON array.
     Tokenize {
         /// A diffusers-format model folder (default: the embedded model).
@@ -52,6 +56,7 @@ fn main() -> ExitCode {
     let result = match cli.command {
         Command::Generate(args) => cli::generate(&args),
         Command::Train(args) => diffusion_examples::train_cli::train(&args),
+        Command::Evaluate(args) => diffusion_examples::quality::evaluate(&args),
         Command::Tokenize { model, text } => cli::tokenize(model.as_deref(), &text),
         Command::Info { model } => cli::info(model.as_deref()),
     };
