@@ -9,6 +9,8 @@ use burn::tensor::module::{avg_pool2d, conv2d};
 use burn::tensor::ops::ConvOptions;
 use burn::tensor::{DType, Tensor, get_device_settings};
 
+use super::{cast_to, conv_forward, upcast_dtype};
+
 /// Configuration of a [`Downsample2D`]; defaults are diffusers'.
 #[derive(Config, Debug)]
 pub struct Downsample2DConfig {
@@ -69,27 +71,31 @@ impl<B: Backend> Downsample2D<B> {
         match &self.conv {
             Some(conv) => match conv.padding {
                 // Burn 0.21 pads an asymmetrically padded convolution with `Tensor::pad`, whose
-                // fill tensor has the device's default float dtype: an f16 / bf16 input then
-                // fails to be assigned into it. Pad in the input's dtype instead.
+                // fill tensor has the device's default float dtype: an input of another dtype
+                // then fails to be assigned into it. Pad in the input's dtype instead (and, as
+                // `conv_forward`, convolve f16 / bf16 in f32).
                 PaddingConfig2d::Explicit(top, left, bottom, right)
                     if (top, left) != (bottom, right)
                         && x.dtype()
                             != DType::from(get_device_settings::<B>(&x.device()).float_dtype) =>
                 {
+                    let dtype = x.dtype();
+                    let wide = upcast_dtype(dtype);
                     let [b, c, h, w] = x.dims();
                     let padded = Tensor::<B, 4>::zeros(
                         [b, c, h + top + bottom, w + left + right],
-                        (&x.device(), x.dtype()),
+                        (&x.device(), dtype),
                     )
                     .slice_assign([0..b, 0..c, top..top + h, left..left + w], x);
-                    conv2d(
-                        padded,
-                        conv.weight.val(),
-                        conv.bias.as_ref().map(|bias| bias.val()),
+                    let out = conv2d(
+                        cast_to(padded, wide),
+                        cast_to(conv.weight.val(), wide),
+                        conv.bias.as_ref().map(|bias| cast_to(bias.val(), wide)),
                         ConvOptions::new(conv.stride, [0, 0], conv.dilation, conv.groups),
-                    )
+                    );
+                    cast_to(out, dtype)
                 }
-                _ => conv.forward(x),
+                _ => conv_forward(conv, x),
             },
             None => avg_pool2d(x, [2, 2], [2, 2], [0, 0], true, false),
         }

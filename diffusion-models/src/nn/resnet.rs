@@ -10,7 +10,7 @@ use burn::nn::{
 use burn::tensor::Tensor;
 use burn::tensor::backend::Backend;
 
-use super::{Activation, group_norm};
+use super::{Activation, conv_forward, group_norm};
 
 /// How the time embedding enters the block (`resnet_time_scale_shift` in U-Net configs).
 #[derive(Config, Debug, Copy, PartialEq, Eq)]
@@ -150,7 +150,7 @@ impl<B: Backend> ResnetBlock2D<B> {
     pub fn forward(&self, input: Tensor<B, 4>, temb: Option<Tensor<B, 2>>) -> Tensor<B, 4> {
         let act = self.nonlinearity;
         let h = act.forward(group_norm(&self.norm1, input.clone()));
-        let mut h = self.conv1.forward(h);
+        let mut h = conv_forward(&self.conv1, h);
 
         let temb = match (&self.time_emb_proj, temb) {
             (Some(proj), Some(temb)) => {
@@ -173,10 +173,10 @@ impl<B: Backend> ResnetBlock2D<B> {
             (_, None) => group_norm(&self.norm2, h),
         };
         let h = self.dropout.forward(act.forward(h));
-        let h = self.conv2.forward(h);
+        let h = conv_forward(&self.conv2, h);
 
         let residual = match &self.conv_shortcut {
-            Some(conv) => conv.forward(input),
+            Some(conv) => conv_forward(conv, input),
             None => input,
         };
         let out = residual + h;

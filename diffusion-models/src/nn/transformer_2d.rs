@@ -135,14 +135,14 @@ impl<B: Backend> Transformer2DModel<B> {
             x.reshape([batch, height, width, c]).permute([0, 3, 1, 2])
         };
         let mut tokens = match &self.proj_in {
-            Projection::Conv(conv) => to_tokens(conv.forward(h)),
+            Projection::Conv(conv) => to_tokens(super::conv_forward(conv, h)),
             Projection::Linear(linear) => linear.forward(to_tokens(h)),
         };
         for block in &self.transformer_blocks {
             tokens = block.forward(tokens, context.clone());
         }
         let out = match &self.proj_out {
-            Projection::Conv(conv) => conv.forward(to_map(tokens)),
+            Projection::Conv(conv) => super::conv_forward(conv, to_map(tokens)),
             Projection::Linear(linear) => to_map(linear.forward(tokens)),
         };
         out + input

@@ -61,7 +61,7 @@ impl<B: Backend> Upsample2D<B> {
         let size = output_size.unwrap_or([2 * h, 2 * w]);
         let x = interpolate(x, size, InterpolateOptions::new(InterpolateMode::Nearest));
         match &self.conv {
-            Some(conv) => conv.forward(x),
+            Some(conv) => super::conv_forward(conv, x),
             None => x,
         }
     }

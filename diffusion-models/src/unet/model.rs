@@ -17,7 +17,7 @@ use super::config::{
 use crate::loading::{LoadOptions, load_component};
 use crate::nn::{
     Activation, AttentionChunking, TimestepEmbedding, TimestepEmbeddingConfig, Timesteps, cast_to,
-    group_norm,
+    conv_forward, group_norm,
 };
 
 /// The `class_embedding` layer; its type depends on `class_embed_type`.
@@ -390,7 +390,7 @@ impl<B: Backend> UNet2DConditionModel<B> {
         } else {
             sample
         };
-        let mut hidden = self.conv_in.forward(sample);
+        let mut hidden = conv_forward(&self.conv_in, sample);
         let context = Some(&encoder_hidden_states);
 
         // 3. Down.
@@ -429,7 +429,7 @@ impl<B: Backend> UNet2DConditionModel<B> {
         let hidden = self
             .conv_act
             .forward(group_norm(&self.conv_norm_out, hidden));
-        Ok(cast_to(self.conv_out.forward(hidden), out_dtype))
+        Ok(cast_to(conv_forward(&self.conv_out, hidden), out_dtype))
     }
 
     fn has_cross_attention(&self) -> bool {

@@ -393,7 +393,7 @@ impl<B: Backend> UNet2DModel<B> {
         } else {
             sample
         };
-        let mut hidden = self.conv_in.forward(sample);
+        let mut hidden = crate::nn::conv_forward(&self.conv_in, sample);
 
         // 3. Down.
         let mut skips = vec![hidden.clone()];
@@ -415,7 +415,7 @@ impl<B: Backend> UNet2DModel<B> {
 
         // 6. Post-process (always SiLU, as diffusers).
         let hidden = Activation::Silu.forward(group_norm(&self.conv_norm_out, hidden));
-        let out = self.conv_out.forward(hidden);
+        let out = crate::nn::conv_forward(&self.conv_out, hidden);
         Ok(match self.time_proj {
             // Score models predict the noise divided by sigma.
             TimeProjection::Fourier(_) => out / cast_to(timesteps, dtype).reshape([batch, 1, 1, 1]),

@@ -13,7 +13,8 @@ use super::config::AutoencoderKLConfig;
 use crate::loading::{LoadOptions, load_component};
 use crate::nn::{
     Activation, Attention, AttentionChunking, AttentionConfig, Downsample2D, Downsample2DConfig,
-    ResnetBlock2D, ResnetBlock2DConfig, Upsample2D, Upsample2DConfig, cast_to, group_norm,
+    ResnetBlock2D, ResnetBlock2DConfig, Upsample2D, Upsample2DConfig, cast_to, conv_forward,
+    group_norm,
 };
 
 /// The diagonal Gaussian posterior returned by [`AutoencoderKL::encode`].
@@ -251,7 +252,7 @@ impl<B: Backend> Encoder<B> {
     /// - input: `[batch, in_channels, H, W]`
     /// - output: `[batch, 2 latent_channels, H / f, W / f]` (`f` = downsampling factor)
     pub fn forward(&self, x: Tensor<B, 4>) -> Tensor<B, 4> {
-        let mut x = self.conv_in.forward(x);
+        let mut x = conv_forward(&self.conv_in, x);
         for block in &self.down_blocks {
             for resnet in &block.resnets {
                 x = resnet.forward(x, None);
@@ -262,7 +263,7 @@ impl<B: Backend> Encoder<B> {
         }
         let x = self.mid_block.forward(x);
         let x = self.act.forward(group_norm(&self.conv_norm_out, x));
-        self.conv_out.forward(x)
+        conv_forward(&self.conv_out, x)
     }
 }
 
@@ -274,7 +275,7 @@ impl<B: Backend> Decoder<B> {
     /// - input: `[batch, latent_channels, h, w]`
     /// - output: `[batch, out_channels, h f, w f]`
     pub fn forward(&self, z: Tensor<B, 4>) -> Tensor<B, 4> {
-        let mut x = self.mid_block.forward(self.conv_in.forward(z));
+        let mut x = self.mid_block.forward(conv_forward(&self.conv_in, z));
         for block in &self.up_blocks {
             for resnet in &block.resnets {
                 x = resnet.forward(x, None);
@@ -284,7 +285,7 @@ impl<B: Backend> Decoder<B> {
             }
         }
         let x = self.act.forward(group_norm(&self.conv_norm_out, x));
-        self.conv_out.forward(x)
+        conv_forward(&self.conv_out, x)
     }
 }
 
@@ -473,7 +474,7 @@ impl<B: Backend> AutoencoderKL<B> {
         let x = cast_to(x, self.encoder.conv_in.weight.val().dtype());
         let h = self.encoder.forward(x);
         let h = match &self.quant_conv {
-            Some(q) => q.forward(h),
+            Some(q) => conv_forward(q, h),
             None => h,
         };
         cast_to(h, out_dtype)
@@ -483,7 +484,7 @@ impl<B: Backend> AutoencoderKL<B> {
         let out_dtype = z.dtype();
         let z = cast_to(z, self.dtype());
         let z = match &self.post_quant_conv {
-            Some(p) => p.forward(z),
+            Some(p) => conv_forward(p, z),
             None => z,
         };
         cast_to(self.decoder.forward(z), out_dtype)
