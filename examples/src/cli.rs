@@ -104,8 +104,8 @@ pub struct GenerateArgs {
     #[arg(long, value_enum, default_value_t = DeviceKind::Cpu)]
     pub device: DeviceKind,
     /// Precision of the U-Net and text encoder. f16/bf16 need a backend with those types
-    /// (cuda; wgpu with shader-f16); the VAE decode, the sampler and the attention softmax
-    /// stay in f32.
+    /// (cuda; wgpu with shader-f16); the VAE decode, the sampler, normalisation,
+    /// convolutions and attention stay in f32.
     #[arg(long, value_enum, default_value_t = DType::F32)]
     pub dtype: DType,
 }
