@@ -18,7 +18,6 @@ use diffusion_pipelines::data::shapes::{
 };
 use diffusion_pipelines::image_io::RgbImage;
 use diffusion_pipelines::stable_diffusion::{GenerateOptions, StableDiffusionPipeline};
-use diffusion_pipelines::train::batches::image_grid;
 use indicatif::{ProgressBar, ProgressStyle};
 use serde::Serialize;
 
@@ -200,7 +199,7 @@ fn run<B: Backend>(args: &EvaluateArgs, device: &B::Device) -> Result<()> {
             }
             let seconds_per_image = start.elapsed().as_secs_f64() / scenes.len() as f64;
             if let Some(folder) = &args.grids {
-                save_grid(folder, name, *steps, guidance, &first_images, &dir)?;
+                save_run_grid(folder, name, *steps, guidance, &first_images, &dir)?;
             }
             bar.println(row(name, *steps, guidance, &score, seconds_per_image));
             results.push(RunScore {
@@ -266,7 +265,7 @@ pub fn table(results: &[RunScore]) -> String {
     out
 }
 
-fn save_grid(
+fn save_run_grid(
     folder: &Path,
     name: &str,
     steps: usize,
@@ -274,19 +273,22 @@ fn save_grid(
     images: &[RgbImage],
     model: &Path,
 ) -> Result<()> {
-    std::fs::create_dir_all(folder).map_err(|e| Error::io(folder, e))?;
     let safe: String = name
         .chars()
         .map(|c| if c.is_ascii_alphanumeric() { c } else { '_' })
         .collect();
-    let path = folder.join(format!("{safe}-{steps}-g{guidance}.png"));
     let meta = vec![
         ("sampler".to_string(), name.to_string()),
         ("steps".to_string(), steps.to_string()),
         ("guidance".to_string(), guidance.to_string()),
         ("model".to_string(), model.display().to_string()),
     ];
-    image_grid(images, 8)?.save_png(&path, &meta)
+    crate::train_cli::save_grid(
+        images,
+        8,
+        &folder.join(format!("{safe}-{steps}-g{guidance}.png")),
+        &meta,
+    )
 }
 
 #[cfg(test)]

@@ -388,7 +388,8 @@ pub fn interrupt_flag() -> Arc<AtomicBool> {
     flag
 }
 
-fn save_grid(
+/// Writes `images` as one PNG grid of `columns` columns (creating the parent folder).
+pub fn save_grid(
     images: &[RgbImage],
     columns: usize,
     path: &Path,
