@@ -31,7 +31,15 @@ from safetensors.torch import load_file
 def check_component_keys(model, folder, weights_name):
     """Every parameter/buffer the torch module persists must be in the file, and vice versa."""
     path = os.path.join(folder, weights_name)
-    tensors = load_file(path)
+    index = path + ".index.json"
+    if os.path.exists(index):  # sharded (diffusers' layout): read every shard
+        with open(index) as f:
+            shards = sorted(set(json.load(f)["weight_map"].values()))
+        tensors = {}
+        for shard in shards:
+            tensors.update(load_file(os.path.join(folder, shard)))
+    else:
+        tensors = load_file(path)
     state = model.state_dict()
     missing = sorted(set(state) - set(tensors))
     unexpected = sorted(set(tensors) - set(state))

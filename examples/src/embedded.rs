@@ -27,7 +27,9 @@ const FILES: &[(&str, &[u8])] = model_files![
     "tokenizer/tokenizer_config.json",
     "tokenizer/vocab.json",
     "unet/config.json",
-    "unet/diffusion_pytorch_model.safetensors",
+    "unet/diffusion_pytorch_model-00001-of-00002.safetensors",
+    "unet/diffusion_pytorch_model-00002-of-00002.safetensors",
+    "unet/diffusion_pytorch_model.safetensors.index.json",
     "vae/config.json",
     "vae/diffusion_pytorch_model.safetensors",
 ];
