@@ -7,7 +7,7 @@ use std::path::PathBuf;
 use burn::backend::NdArray;
 use burn::tensor::{Int, Tensor, TensorData};
 use diffusion_models::diffusion_core::{Error, ModelDir};
-use diffusion_models::nn::AttentionChunking;
+use diffusion_models::nn::{AttentionChunking, ConvAlgorithm, set_conv_algorithm};
 use diffusion_models::unet::{ClassLabels, UNet2DConditionModel, UNetConditioning};
 use safetensors::{Dtype, SafeTensors};
 
@@ -160,6 +160,19 @@ fn lcm_unet_with_timestep_cond() {
 #[test]
 fn inpainting_unet_nine_channels_sharded() {
     check("unet-inpaint-tiny");
+}
+
+/// The im2col + matmul convolutions (`ConvAlgorithm::Gemm`, for training) meet the same
+/// tolerance against diffusers. The setting is process-wide: other tests of this binary that
+/// run meanwhile may use it too, and meet their tolerances either way.
+#[test]
+fn gemm_convolutions_match_diffusers() {
+    set_conv_algorithm(ConvAlgorithm::Gemm);
+    let results = std::panic::catch_unwind(|| (check("sd1-tiny"), check("unet-sdxl-tiny")));
+    set_conv_algorithm(ConvAlgorithm::Backend);
+    if let Err(panic) = results {
+        std::panic::resume_unwind(panic);
+    }
 }
 
 #[test]

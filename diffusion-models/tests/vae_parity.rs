@@ -8,7 +8,7 @@ use std::path::PathBuf;
 use burn::backend::NdArray;
 use burn::tensor::{Tensor, TensorData};
 use diffusion_models::diffusion_core::{Error, ModelDir};
-use diffusion_models::nn::AttentionChunking;
+use diffusion_models::nn::{AttentionChunking, ConvAlgorithm, set_conv_algorithm};
 use diffusion_models::vae::{AutoencoderKL, VaeTiling};
 use safetensors::{Dtype, SafeTensors};
 
@@ -105,6 +105,20 @@ fn check(dir: &str) {
 #[test]
 fn sd1_vae_matches_diffusers() {
     check("sd1-tiny");
+}
+
+/// The im2col + matmul convolutions (`ConvAlgorithm::Gemm`, for training; including the
+/// encoder's bottom/right-padded stride-2 downsamplers) meet the same tolerance against
+/// diffusers. The setting is process-wide; other tests of this binary meet their tolerances
+/// with either algorithm.
+#[test]
+fn gemm_convolutions_match_diffusers() {
+    set_conv_algorithm(ConvAlgorithm::Gemm);
+    let result = std::panic::catch_unwind(|| check("sd1-tiny"));
+    set_conv_algorithm(ConvAlgorithm::Backend);
+    if let Err(panic) = result {
+        std::panic::resume_unwind(panic);
+    }
 }
 
 #[test]

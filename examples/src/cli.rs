@@ -167,13 +167,35 @@ pub fn info(model: Option<&Path>) -> Result<()> {
 
 /// `diffusion generate`.
 pub fn generate(args: &GenerateArgs) -> Result<()> {
-    match args.device {
+    struct Generate<'a>(&'a GenerateArgs);
+    impl BackendJob for Generate<'_> {
+        type Output = ();
+        fn run<B: Backend>(self, device: &B::Device) -> Result<()> {
+            run::<B>(self.0, device)
+        }
+    }
+    on_device(args.device, Generate(args))
+}
+
+/// Work generic over the Burn backend, run by [`on_device`] on the backend `--device` names.
+pub trait BackendJob {
+    /// What the work returns.
+    type Output;
+    /// Runs the work on `device` of backend `B`.
+    fn run<B: Backend>(self, device: &B::Device) -> Result<Self::Output>;
+}
+
+/// Runs `job` on the default device of `kind`'s backend (`f32`): NdArray for `cpu`, wgpu,
+/// CUDA; a backend this binary was built without is an [`Error::Unsupported`] naming the
+/// cargo feature that adds it.
+pub fn on_device<J: BackendJob>(kind: DeviceKind, job: J) -> Result<J::Output> {
+    match kind {
         #[cfg(feature = "ndarray")]
-        DeviceKind::Cpu => run::<burn::backend::NdArray<f32>>(args, &Default::default()),
+        DeviceKind::Cpu => job.run::<burn::backend::NdArray<f32>>(&Default::default()),
         #[cfg(feature = "wgpu")]
-        DeviceKind::Wgpu => run::<burn::backend::Wgpu<f32>>(args, &Default::default()),
+        DeviceKind::Wgpu => job.run::<burn::backend::Wgpu<f32>>(&Default::default()),
         #[cfg(feature = "cuda")]
-        DeviceKind::Cuda => run::<burn::backend::Cuda<f32>>(args, &Default::default()),
+        DeviceKind::Cuda => job.run::<burn::backend::Cuda<f32>>(&Default::default()),
         #[allow(unreachable_patterns)]
         other => Err(Error::Unsupported(format!(
             "--device {other:?}: this binary was built without that backend (cargo feature `{}`)",

@@ -21,7 +21,7 @@ use diffusion_pipelines::stable_diffusion::{GenerateOptions, StableDiffusionPipe
 use indicatif::{ProgressBar, ProgressStyle};
 use serde::Serialize;
 
-use crate::cli::DeviceKind;
+use crate::cli::{BackendJob, DeviceKind, on_device};
 
 /// `diffusion evaluate` arguments.
 #[derive(Debug, Clone, Args)]
@@ -92,18 +92,14 @@ fn parse_sampler(spec: &str) -> Result<(String, usize)> {
 
 /// `diffusion evaluate`.
 pub fn evaluate(args: &EvaluateArgs) -> Result<()> {
-    match args.device {
-        #[cfg(feature = "ndarray")]
-        DeviceKind::Cpu => run::<burn::backend::NdArray<f32>>(args, &Default::default()),
-        #[cfg(feature = "wgpu")]
-        DeviceKind::Wgpu => run::<burn::backend::Wgpu<f32>>(args, &Default::default()),
-        #[cfg(feature = "cuda")]
-        DeviceKind::Cuda => run::<burn::backend::Cuda<f32>>(args, &Default::default()),
-        #[allow(unreachable_patterns)]
-        other => Err(Error::Unsupported(format!(
-            "--device {other:?}: this binary was built without that backend"
-        ))),
+    struct Evaluate<'a>(&'a EvaluateArgs);
+    impl BackendJob for Evaluate<'_> {
+        type Output = ();
+        fn run<B: Backend>(self, device: &B::Device) -> Result<()> {
+            run::<B>(self.0, device)
+        }
     }
+    on_device(args.device, Evaluate(args))
 }
 
 fn run<B: Backend>(args: &EvaluateArgs, device: &B::Device) -> Result<()> {

@@ -26,6 +26,7 @@ use clap::{Args, ValueEnum};
 use diffusion_pipelines::core::{ConfigMap, Error, NoiseSource, Result, SeededNoise};
 use diffusion_pipelines::data::folder::ImageFolder;
 use diffusion_pipelines::image_io::RgbImage;
+use diffusion_pipelines::models::nn::{ConvAlgorithm, set_conv_algorithm};
 use diffusion_pipelines::models::vae::AutoencoderKL;
 use diffusion_pipelines::schedulers::{PredictionType, registry};
 use diffusion_pipelines::stable_diffusion::{
@@ -48,7 +49,7 @@ use diffusion_pipelines::train::vae::{
 use indicatif::{ProgressBar, ProgressStyle};
 use serde::{Deserialize, Serialize};
 
-use crate::cli::DeviceKind;
+use crate::cli::{BackendJob, DeviceKind, on_device};
 
 /// Which part of the model a run trains.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum, Serialize, Deserialize)]
@@ -88,6 +89,15 @@ pub enum LrScheduleArg {
     Constant,
     /// Cosine decay to 0 at `--steps`.
     Cosine,
+}
+
+/// `--conv`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum ConvArg {
+    /// The backend's convolution kernels.
+    Backend,
+    /// im2col and a matrix product (backward: matrix products).
+    Gemm,
 }
 
 /// `--reconstruction`.
@@ -203,6 +213,12 @@ pub struct TrainArgs {
     /// VAE stage: weight of the KL term.
     #[arg(long, default_value_t = 1e-6)]
     pub kl_weight: f64,
+    /// How convolutions are computed: `backend` (the backend's kernels) or `gemm` (im2col
+    /// and a matrix product, whose backward pass is matrix products too; it avoids the
+    /// CubeCL backends' slow direct weight-gradient kernel, at k x k times the activation
+    /// memory). Both give the same numbers up to float rounding.
+    #[arg(long, value_enum, default_value_t = ConvArg::Backend)]
+    pub conv: ConvArg,
 }
 
 /// What a run stores in its checkpoints besides the trainer state.
@@ -218,29 +234,18 @@ struct RunState {
 
 /// `diffusion train`.
 pub fn train(args: &TrainArgs) -> Result<()> {
-    match args.device {
-        #[cfg(feature = "ndarray")]
-        DeviceKind::Cpu => {
-            run::<burn::backend::Autodiff<burn::backend::NdArray<f32>>>(args, &Default::default())
+    set_conv_algorithm(match args.conv {
+        ConvArg::Backend => ConvAlgorithm::Backend,
+        ConvArg::Gemm => ConvAlgorithm::Gemm,
+    });
+    struct Train<'a>(&'a TrainArgs);
+    impl BackendJob for Train<'_> {
+        type Output = ();
+        fn run<B: Backend>(self, device: &B::Device) -> Result<()> {
+            run::<burn::backend::Autodiff<B>>(self.0, device)
         }
-        #[cfg(feature = "wgpu")]
-        DeviceKind::Wgpu => {
-            run::<burn::backend::Autodiff<burn::backend::Wgpu<f32>>>(args, &Default::default())
-        }
-        #[cfg(feature = "cuda")]
-        DeviceKind::Cuda => {
-            run::<burn::backend::Autodiff<burn::backend::Cuda<f32>>>(args, &Default::default())
-        }
-        #[allow(unreachable_patterns)]
-        other => Err(Error::Unsupported(format!(
-            "--device {other:?}: this binary was built without that backend (cargo feature `{}`)",
-            match other {
-                DeviceKind::Cpu => "ndarray",
-                DeviceKind::Wgpu => "wgpu",
-                DeviceKind::Cuda => "cuda",
-            }
-        ))),
     }
+    on_device(args.device, Train(args))
 }
 
 fn run<B: AutodiffBackend>(args: &TrainArgs, device: &B::Device) -> Result<()> {

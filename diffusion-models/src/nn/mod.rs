@@ -10,6 +10,7 @@
 
 pub mod activation;
 pub mod attention;
+pub mod conv;
 pub mod downsample;
 pub mod embeddings;
 pub mod feed_forward;
@@ -20,6 +21,7 @@ pub mod upsample;
 
 pub use activation::Activation;
 pub use attention::{Attention, AttentionChunking, AttentionConfig};
+pub use conv::{ConvAlgorithm, conv_algorithm, conv_forward, conv2d_gemm, set_conv_algorithm};
 pub use downsample::{Downsample2D, Downsample2DConfig};
 pub use embeddings::{TimestepEmbedding, TimestepEmbeddingConfig, Timesteps};
 pub use feed_forward::{
@@ -31,7 +33,6 @@ pub use transformer_block::{BasicTransformerBlock, BasicTransformerBlockConfig};
 pub use upsample::{Upsample2D, Upsample2DConfig};
 
 use burn::module::{Module, ModuleVisitor, Param};
-use burn::nn::conv::Conv2d;
 use burn::nn::{GroupNorm, LayerNorm};
 use burn::tensor::backend::Backend;
 use burn::tensor::{Bool, DType, FloatDType, Int, Tensor};
@@ -118,26 +119,6 @@ pub(crate) fn group_norm<B: Backend, const D: usize>(
         }
         _ => normalized,
     }
-}
-
-/// Applies a 2-D convolution; for `f16` / `bf16` inputs it runs in `f32` (input and `f32`
-/// copies of the weights, result cast back), so its sums accumulate in `f32` on every
-/// backend. Burn 0.21's CubeCL direct convolution (the CUDA / wgpu default without autotune,
-/// and an autotune candidate) accumulates in the input's dtype: on an H100 a 4608-term f16
-/// convolution was off by 1e-1 relative, bf16 by 7.8e-1. The weights stay stored in the low
-/// dtype. `f32` and `f64` inputs go through [`Conv2d::forward`] unchanged.
-///
-/// # Shapes
-///
-/// - input: `[batch, channels_in, height, width]`
-/// - output: `[batch, channels_out, height_out, width_out]`
-pub fn conv_forward<B: Backend>(conv: &Conv2d<B>, x: Tensor<B, 4>) -> Tensor<B, 4> {
-    let dtype = x.dtype();
-    if !is_reduced_precision(dtype) {
-        return conv.forward(x);
-    }
-    let wide = crate::precision::cast_module(conv.clone(), FloatDType::F32);
-    cast_to(wide.forward(cast_to(x, DType::F32)), dtype)
 }
 
 /// Layer normalisation over the last dimension that, for `f16` / `bf16` inputs, runs in
