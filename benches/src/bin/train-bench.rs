@@ -67,7 +67,7 @@ fn time<F: FnMut()>(iters: usize, mut f: F) -> (f64, f64, f64) {
 fn run<B: AutodiffBackend>(args: &Args, device: &B::Device, name: &str) -> Result<()> {
     let arch = ModelArchitecture::shapes();
     let side = arch.image_size();
-    let latent = side / 8;
+    let latent = side / arch.vae.downsampling_factor();
     println!("| step | batch | convolution | first call (ms) | mean (ms) | std (ms) | device |");
     println!("| --- | ---: | --- | ---: | ---: | ---: | --- |");
 
