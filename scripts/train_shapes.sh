@@ -17,6 +17,10 @@ EXPORT=${EXPORT:-models/shapes}
 # shorter or longer run follows the same trajectory up to its end).
 VAE_STEPS=${VAE_STEPS:-4000}
 UNET_STEPS=${UNET_STEPS:-12000}
+# How convolutions are computed: `backend` made the committed model; `gemm` (im2col +
+# matmul, same numbers up to float rounding) avoids the CubeCL backends' slow direct
+# weight-gradient kernel (docs/training.md).
+CONV=${CONV:-backend}
 
 resume_flag() { [ -e "$1/latest" ] && echo --resume || true; }
 
@@ -24,7 +28,7 @@ resume_flag() { [ -e "$1/latest" ] && echo --resume || true; }
 if [ ! -e "$RUN/vae-export/config.json" ]; then
   "$BIN" train --stage vae --out "$RUN/vae" $(resume_flag "$RUN/vae") \
     --steps "$VAE_STEPS" --batch-size 64 --lr 2e-4 --warmup 200 --lr-schedule constant \
-    --seed 0 --device "$DEVICE" --sample-every 1000 --checkpoint-every 500 \
+    --seed 0 --device "$DEVICE" --sample-every 1000 --checkpoint-every 500 --conv "$CONV" \
     --export "$RUN/vae-export"
 fi
 
@@ -34,7 +38,7 @@ fi
   --vae "$RUN/vae-export" \
   --steps "$UNET_STEPS" --batch-size 128 --lr 3e-4 --warmup 500 --lr-schedule constant \
   --min-snr-gamma 5 --condition-dropout 0.1 --ema-decay 0.999 \
-  --seed 0 --device "$DEVICE" --sample-every 2000 --checkpoint-every 500 \
+  --seed 0 --device "$DEVICE" --sample-every 2000 --checkpoint-every 500 --conv "$CONV" \
   --export "$EXPORT"
 
 # The quality table of docs/QUALITY.md.

@@ -10,6 +10,7 @@ use burn::tensor::backend::Backend;
 use clap::{Args, ValueEnum};
 use diffusion_pipelines::core::{Error, ModelDir, Result, SeededNoise};
 use diffusion_pipelines::image_io::{NpyArray, RgbImage};
+use diffusion_pipelines::models::nn::{ConvAlgorithm, set_conv_algorithm};
 use diffusion_pipelines::models::tokenizer::ClipTokenizer;
 use diffusion_pipelines::stable_diffusion::{GenerateOptions, Precision, StableDiffusionPipeline};
 use indicatif::{ProgressBar, ProgressStyle};
@@ -23,6 +24,30 @@ pub enum DeviceKind {
     Wgpu,
     /// An NVIDIA GPU through CUDA.
     Cuda,
+}
+
+/// `--conv`: how convolutions are computed
+/// ([`ConvAlgorithm`](diffusion_pipelines::models::nn::ConvAlgorithm)).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum ConvArg {
+    /// `gemm` on the CPU (measured 1.4-4.7x faster there, docs/BENCHMARKS.md), `backend`
+    /// on the GPU backends (where `gemm` is not measured yet).
+    Auto,
+    /// The backend's convolution kernels.
+    Backend,
+    /// im2col and a matrix product (under autodiff, the backward pass is matrix products).
+    Gemm,
+}
+
+impl ConvArg {
+    /// Makes it the process's convolution algorithm for work on `device`.
+    pub fn apply(self, device: DeviceKind) {
+        set_conv_algorithm(match (self, device) {
+            (ConvArg::Backend, _) => ConvAlgorithm::Backend,
+            (ConvArg::Gemm, _) | (ConvArg::Auto, DeviceKind::Cpu) => ConvAlgorithm::Gemm,
+            (ConvArg::Auto, DeviceKind::Wgpu | DeviceKind::Cuda) => ConvAlgorithm::Backend,
+        });
+    }
 }
 
 /// Floating-point precision of the weights and activations.
@@ -108,6 +133,10 @@ pub struct GenerateArgs {
     /// convolutions and attention stay in f32.
     #[arg(long, value_enum, default_value_t = DType::F32)]
     pub dtype: DType,
+    /// How convolutions are computed: the backend's kernels, or im2col and a matrix
+    /// product (same numbers up to float rounding); `auto` is `gemm` on the CPU.
+    #[arg(long, value_enum, default_value_t = ConvArg::Auto)]
+    pub conv: ConvArg,
 }
 
 fn model_dir(model: Option<&Path>) -> Result<PathBuf> {
@@ -174,6 +203,7 @@ pub fn generate(args: &GenerateArgs) -> Result<()> {
             run::<B>(self.0, device)
         }
     }
+    args.conv.apply(args.device);
     on_device(args.device, Generate(args))
 }
 

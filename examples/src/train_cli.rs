@@ -26,7 +26,6 @@ use clap::{Args, ValueEnum};
 use diffusion_pipelines::core::{ConfigMap, Error, NoiseSource, Result, SeededNoise};
 use diffusion_pipelines::data::folder::ImageFolder;
 use diffusion_pipelines::image_io::RgbImage;
-use diffusion_pipelines::models::nn::{ConvAlgorithm, set_conv_algorithm};
 use diffusion_pipelines::models::vae::AutoencoderKL;
 use diffusion_pipelines::schedulers::{PredictionType, registry};
 use diffusion_pipelines::stable_diffusion::{
@@ -49,7 +48,7 @@ use diffusion_pipelines::train::vae::{
 use indicatif::{ProgressBar, ProgressStyle};
 use serde::{Deserialize, Serialize};
 
-use crate::cli::{BackendJob, DeviceKind, on_device};
+use crate::cli::{BackendJob, ConvArg, DeviceKind, on_device};
 
 /// Which part of the model a run trains.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum, Serialize, Deserialize)]
@@ -89,15 +88,6 @@ pub enum LrScheduleArg {
     Constant,
     /// Cosine decay to 0 at `--steps`.
     Cosine,
-}
-
-/// `--conv`.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
-pub enum ConvArg {
-    /// The backend's convolution kernels.
-    Backend,
-    /// im2col and a matrix product (backward: matrix products).
-    Gemm,
 }
 
 /// `--reconstruction`.
@@ -216,8 +206,9 @@ pub struct TrainArgs {
     /// How convolutions are computed: `backend` (the backend's kernels) or `gemm` (im2col
     /// and a matrix product, whose backward pass is matrix products too; it avoids the
     /// CubeCL backends' slow direct weight-gradient kernel, at k x k times the activation
-    /// memory). Both give the same numbers up to float rounding.
-    #[arg(long, value_enum, default_value_t = ConvArg::Backend)]
+    /// memory). Both give the same numbers up to float rounding. `auto`: `gemm` on the CPU,
+    /// `backend` on the GPU backends.
+    #[arg(long, value_enum, default_value_t = ConvArg::Auto)]
     pub conv: ConvArg,
 }
 
@@ -234,10 +225,7 @@ struct RunState {
 
 /// `diffusion train`.
 pub fn train(args: &TrainArgs) -> Result<()> {
-    set_conv_algorithm(match args.conv {
-        ConvArg::Backend => ConvAlgorithm::Backend,
-        ConvArg::Gemm => ConvAlgorithm::Gemm,
-    });
+    args.conv.apply(args.device);
     struct Train<'a>(&'a TrainArgs);
     impl BackendJob for Train<'_> {
         type Output = ();

@@ -3,8 +3,10 @@
 //!
 //! ```text
 //! cargo run --release -p diffusion-benches --bin sd-bench [--features cuda] -- \
-//!     [--device cpu|wgpu|cuda] [--size 512] [--batch 2] [--iters 5]
+//!     [--device cpu|wgpu|cuda] [--size 512] [--batch 2] [--iters 5] [--conv backend|gemm]
 //! ```
+//! `--conv gemm` runs the convolutions as im2col + matmul
+//! (`diffusion_models::nn::ConvAlgorithm::Gemm`).
 //! The first call of each component is reported separately: GPU backends compile and
 //! autotune their kernels on first use.
 
@@ -14,6 +16,7 @@ use burn::tensor::backend::Backend;
 use burn::tensor::{Int, Tensor, TensorData};
 use diffusion_pipelines::core::{ConfigMap, HostTensor, Result};
 use diffusion_pipelines::models::clip::ClipTextConfig;
+use diffusion_pipelines::models::nn::{ConvAlgorithm, set_conv_algorithm};
 use diffusion_pipelines::models::tensor::BurnTensor;
 use diffusion_pipelines::models::unet::{UNet2DConditionConfig, UNetConditioning};
 use diffusion_pipelines::models::vae::AutoencoderKLConfig;
@@ -24,6 +27,7 @@ struct Args {
     size: usize,
     batch: usize,
     iters: usize,
+    conv: ConvAlgorithm,
 }
 
 fn parse() -> Args {
@@ -32,6 +36,7 @@ fn parse() -> Args {
         size: 512,
         batch: 2,
         iters: 5,
+        conv: ConvAlgorithm::Backend,
     };
     let argv: Vec<String> = std::env::args().skip(1).collect();
     let mut i = 0;
@@ -42,6 +47,13 @@ fn parse() -> Args {
             "--size" => a.size = v.parse().expect("--size N"),
             "--batch" => a.batch = v.parse().expect("--batch N"),
             "--iters" => a.iters = v.parse().expect("--iters N"),
+            "--conv" => {
+                a.conv = match v.as_str() {
+                    "backend" => ConvAlgorithm::Backend,
+                    "gemm" => ConvAlgorithm::Gemm,
+                    other => panic!("--conv backend|gemm, got {other}"),
+                }
+            }
             other => panic!("unknown argument {other}"),
         }
         i += 2;
@@ -142,6 +154,8 @@ fn run<B: Backend>(args: &Args, device: &B::Device, name: &str) -> Result<()> {
 
 fn main() -> Result<()> {
     let args = parse();
+    set_conv_algorithm(args.conv);
+    println!("convolutions: {:?}", args.conv);
     match args.device.as_str() {
         #[cfg(feature = "ndarray")]
         "cpu" => run::<burn::backend::NdArray<f32>>(&args, &Default::default(), "CPU (ndarray)"),

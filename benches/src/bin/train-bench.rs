@@ -78,7 +78,8 @@ fn run<B: AutodiffBackend>(args: &Args, device: &B::Device, name: &str) -> Resul
     let tokens = 16;
     let ids: Vec<i64> = (0..b * tokens).map(|i| (i % 97) as i64).collect();
     let ids = Tensor::<B, 2, Int>::from_data(TensorData::new(ids, [b, tokens]), device);
-    let latents = Tensor::<B, 4>::random([b, 4, latent, latent], Distribution::Normal(0., 1.), device);
+    let latents =
+        Tensor::<B, 4>::random([b, 4, latent, latent], Distribution::Normal(0., 1.), device);
     let timesteps: Vec<f32> = (0..b).map(|i| ((i * 7919) % 1000) as f32).collect();
     let timesteps = Tensor::<B, 1>::from_data(TensorData::new(timesteps, [b]), device);
     let images = Tensor::<B, 4>::random(

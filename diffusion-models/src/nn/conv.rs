@@ -153,24 +153,25 @@ pub fn conv2d_gemm<B: Backend>(
         let device = x.device();
         let dtype = x.dtype();
         Tensor::<B, 4>::zeros(
-            [
-                c_in,
-                batch,
-                padded_h + extra_h,
-                padded_w + extra_w,
-            ],
+            [c_in, batch, padded_h + extra_h, padded_w + extra_w],
             (&device, dtype),
         )
-        .slice_assign([0..c_in, 0..batch, top..top + height, left..left + width], x)
+        .slice_assign(
+            [0..c_in, 0..batch, top..top + height, left..left + width],
+            x,
+        )
     };
 
     let mut taps = Vec::with_capacity(k_h * k_w);
     for i in 0..k_h {
         for j in 0..k_w {
             let (y0, x0) = (i * d_h, j * d_w);
-            let view = x
-                .clone()
-                .slice([0..c_in, 0..batch, y0..y0 + out_h * s_h, x0..x0 + out_w * s_w]);
+            let view = x.clone().slice([
+                0..c_in,
+                0..batch,
+                y0..y0 + out_h * s_h,
+                x0..x0 + out_w * s_w,
+            ]);
             let view = if s_h == 1 && s_w == 1 {
                 view
             } else {
@@ -183,7 +184,9 @@ pub fn conv2d_gemm<B: Backend>(
         }
     }
     let columns = if taps.len() == 1 {
-        taps.pop().expect("one tap").reshape([c_in, batch * out_h * out_w])
+        taps.pop()
+            .expect("one tap")
+            .reshape([c_in, batch * out_h * out_w])
     } else {
         Tensor::stack::<5>(taps, 1).reshape([c_in * k_h * k_w, batch * out_h * out_w])
     };
@@ -222,11 +225,8 @@ mod tests {
         let conv = config.init::<A>(&device);
         let x = Tensor::<A, 4>::random(input, Distribution::Normal(0.0, 1.0), &device);
         let reference = conv.forward(x.clone().detach());
-        let probe = Tensor::<A, 4>::random(
-            reference.dims(),
-            Distribution::Normal(0.0, 1.0),
-            &device,
-        );
+        let probe =
+            Tensor::<A, 4>::random(reference.dims(), Distribution::Normal(0.0, 1.0), &device);
         let run = |algorithm| {
             let x = x.clone().detach().require_grad();
             let out = conv_with_algorithm(&conv, x.clone(), algorithm);
