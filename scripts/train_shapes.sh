@@ -13,8 +13,9 @@ BIN=${1:-target/release/diffusion}
 DEVICE=${2:-cuda}
 RUN=${3:-runs/shapes}
 EXPORT=${EXPORT:-models/shapes}
-# The step counts of the committed model (constant learning rates after warm-up, so a
-# shorter or longer run follows the same trajectory up to its end).
+# Step counts. The committed model stopped at VAE_STEPS=278 UNET_STEPS=2862 (GPU time ran
+# out; docs/QUALITY.md); learning rates are constant after warm-up, so a shorter or longer
+# run follows the same trajectory up to its end.
 VAE_STEPS=${VAE_STEPS:-4000}
 UNET_STEPS=${UNET_STEPS:-12000}
 # How convolutions are computed: `backend` made the committed model; `gemm` (im2col +

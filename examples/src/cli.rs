@@ -30,7 +30,7 @@ pub enum DeviceKind {
 /// ([`ConvAlgorithm`](diffusion_pipelines::models::nn::ConvAlgorithm)).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
 pub enum ConvArg {
-    /// `gemm` on the CPU (measured 1.4-4.7x faster there, docs/BENCHMARKS.md), `backend`
+    /// `gemm` on the CPU (measured 1.5-4.3x faster there, docs/BENCHMARKS.md), `backend`
     /// on the GPU backends (where `gemm` is not measured yet).
     Auto,
     /// The backend's convolution kernels.
