@@ -40,7 +40,7 @@ fi
   --steps "$UNET_STEPS" --batch-size 128 --lr 3e-4 --warmup 500 --lr-schedule constant \
   --min-snr-gamma 5 --condition-dropout 0.1 --ema-decay 0.999 \
   --seed 0 --device "$DEVICE" --sample-every 2000 --checkpoint-every 500 --conv "$CONV" \
-  --export "$EXPORT"
+  --max-shard-mb 4 --export "$EXPORT"
 
 # The quality table of docs/QUALITY.md.
 "$BIN" evaluate --model "$EXPORT" --device "$DEVICE" --batch 200 \

@@ -14,7 +14,9 @@ use diffusion_pipelines::train::batches::images_to_signed_chw;
 use diffusion_pipelines::train::checkpoint::{read_checkpoint, resolve_checkpoint};
 use diffusion_pipelines::train::denoiser::{DenoiserTrainer, DenoiserTrainingConfig};
 use diffusion_pipelines::train::ema::materialize;
-use diffusion_pipelines::train::export::{PipelineExport, export_pipeline};
+use diffusion_pipelines::train::export::{
+    PipelineExport, export_pipeline, export_pipeline_sharded,
+};
 use diffusion_pipelines::train::model::{ModelArchitecture, TextToImageModel};
 use diffusion_pipelines::train::optim::{OptimizerConfig, module_bytes};
 use diffusion_pipelines::train::vae::{VaeTrainer, VaeTrainingConfig};
@@ -488,4 +490,99 @@ fn exported_pipeline_loads_back_identically() {
         .unwrap();
     assert_eq!(result.shape, [1, 16, 16, 3]);
     let _ = Module::<I>::num_params(&unet);
+}
+
+#[test]
+fn sharded_export_loads_back_identically() {
+    let arch = ModelArchitecture::tiny();
+    let device = Default::default();
+    let (unet, text, vae) = seeded(46, || {
+        let unet: UNet2DConditionModel<I> = materialize(arch.unet.init(&device).unwrap());
+        let text: ClipTextModel<I> = materialize(arch.text_encoder.init(&device).unwrap());
+        let vae: AutoencoderKL<I> = materialize(arch.vae.init(&device).unwrap());
+        (unet, text, vae)
+    });
+    let parts = PipelineExport {
+        architecture: &arch,
+        unet: &unet,
+        vae: &vae,
+        text_encoder: &text,
+    };
+    let dir = tempfile::tempdir().unwrap();
+    let (single, sharded) = (dir.path().join("single"), dir.path().join("sharded"));
+    export_pipeline(&single, parts).unwrap();
+    let limit = 60_000;
+    export_pipeline_sharded(&sharded, parts, Some(limit)).unwrap();
+
+    // The U-Net (~280 KB) is split; every shard holds at most `limit` bytes of tensor data
+    // (plus its header) and the index maps each tensor of the single file to one shard.
+    let single_unet =
+        std::fs::read(single.join("unet/diffusion_pytorch_model.safetensors")).unwrap();
+    let single_unet = safetensors::SafeTensors::deserialize(&single_unet).unwrap();
+    let index: serde_json::Value = serde_json::from_str(
+        &std::fs::read_to_string(
+            sharded.join("unet/diffusion_pytorch_model.safetensors.index.json"),
+        )
+        .unwrap(),
+    )
+    .unwrap();
+    let map = index["weight_map"].as_object().unwrap();
+    assert_eq!(map.len(), single_unet.names().len());
+    let mut shard_files: Vec<&str> = map.values().map(|v| v.as_str().unwrap()).collect();
+    shard_files.sort_unstable();
+    shard_files.dedup();
+    assert!(shard_files.len() >= 4, "{shard_files:?}");
+    let mut total = 0;
+    for file in &shard_files {
+        let bytes = std::fs::read(sharded.join("unet").join(file)).unwrap();
+        let shard = safetensors::SafeTensors::deserialize(&bytes).unwrap();
+        let data: usize = shard
+            .names()
+            .iter()
+            .map(|n| shard.tensor(n).unwrap().data().len())
+            .sum();
+        assert!(
+            data <= limit || shard.names().len() == 1,
+            "{file}: {data} bytes"
+        );
+        for name in shard.names() {
+            assert_eq!(map[name].as_str().unwrap(), *file);
+            assert_eq!(
+                shard.tensor(name).unwrap().data(),
+                single_unet.tensor(name).unwrap().data()
+            );
+        }
+        total += data;
+    }
+    assert_eq!(
+        index["metadata"]["total_size"].as_u64().unwrap() as usize,
+        total
+    );
+    assert!(
+        !sharded
+            .join("unet/diffusion_pytorch_model.safetensors")
+            .exists()
+    );
+
+    // Both folders give the same image.
+    let generate = |path: &std::path::Path| {
+        let mut pipe =
+            diffusion_pipelines::stable_diffusion::StableDiffusionPipeline::<I>::from_pretrained(
+                path, &device,
+            )
+            .unwrap();
+        let mut opts = diffusion_pipelines::stable_diffusion::GenerateOptions::prompt(
+            "a red circle on a blue background",
+        );
+        opts.steps = 2;
+        let mut noise = diffusion_core::SeededNoise::new(0);
+        pipe.generate(&opts, &mut noise, &mut |_, _| {
+            std::ops::ControlFlow::Continue(())
+        })
+        .unwrap()
+    };
+    let (a, b) = (generate(&single), generate(&sharded));
+    assert_eq!(a.shape, b.shape);
+    let bits = |v: &[f32]| v.iter().map(|x| x.to_bits()).collect::<Vec<_>>();
+    assert_eq!(bits(&a.array), bits(&b.array));
 }

@@ -36,7 +36,7 @@ use diffusion_pipelines::train::batches::{
 };
 use diffusion_pipelines::train::checkpoint::{CheckpointData, read_checkpoint, resolve_checkpoint};
 use diffusion_pipelines::train::denoiser::{DenoiserTrainer, DenoiserTrainingConfig};
-use diffusion_pipelines::train::export::{PipelineExport, export_pipeline, export_vae};
+use diffusion_pipelines::train::export::{PipelineExport, export_pipeline_sharded, export_vae};
 use diffusion_pipelines::train::lr::LrSchedule;
 use diffusion_pipelines::train::model::{ModelArchitecture, TextToImageModel};
 use diffusion_pipelines::train::objective::TimestepSampling;
@@ -174,6 +174,11 @@ pub struct TrainArgs {
     /// VAE stage, a full diffusers pipeline for the U-Net stage).
     #[arg(long)]
     pub export: Option<PathBuf>,
+    /// U-Net stage: split each exported weight file larger than this many MB (10^6 bytes)
+    /// into diffusers' sharded layout (`...-00001-of-0000N.safetensors` + index), e.g. to
+    /// keep committed files small. Default: one file per component.
+    #[arg(long)]
+    pub max_shard_mb: Option<f64>,
     /// U-Net stage: the VAE to train on (a VAE run folder, a diffusers model folder with
     /// `vae/`, or a `vae` folder itself).
     #[arg(long)]
@@ -236,12 +241,23 @@ pub fn train(args: &TrainArgs) -> Result<()> {
     on_device(args.device, Train(args))
 }
 
+/// `--max-shard-mb` in bytes, checked.
+fn max_shard_bytes(args: &TrainArgs) -> Result<Option<usize>> {
+    match args.max_shard_mb {
+        Some(mb) if !(mb.is_finite() && mb > 0.0) => Err(Error::InvalidArgument(format!(
+            "--max-shard-mb must be a positive number, got {mb}"
+        ))),
+        mb => Ok(mb.map(|mb| (mb * 1e6) as usize)),
+    }
+}
+
 fn run<B: AutodiffBackend>(args: &TrainArgs, device: &B::Device) -> Result<()> {
     if args.steps == 0 || args.batch_size == 0 || args.checkpoint_every == 0 {
         return Err(Error::InvalidArgument(
             "--steps, --batch-size and --checkpoint-every must be positive".into(),
         ));
     }
+    max_shard_bytes(args)?;
     std::fs::create_dir_all(&args.out).map_err(|e| Error::io(&args.out, e))?;
     let checkpoint = match &args.resume {
         None => {
@@ -876,11 +892,12 @@ fn train_unet<B: AutodiffBackend>(
         vae: &vae,
         text_encoder: &model.text_encoder,
     };
+    let shard = max_shard_bytes(args)?;
     let run_model = args.out.join("model");
-    export_pipeline(&run_model, parts)?;
+    export_pipeline_sharded(&run_model, parts, shard)?;
     eprintln!("exported the pipeline to {}", run_model.display());
     if let Some(dir) = &args.export {
-        export_pipeline(dir, parts)?;
+        export_pipeline_sharded(dir, parts, shard)?;
         eprintln!("exported the pipeline to {}", dir.display());
     }
     Ok(())

@@ -269,6 +269,21 @@ fn bad_inputs_fail_with_one_line() {
     ]);
     assert_one_line_error(&out, "mask");
 
+    // A non-positive shard size for `train`'s export, refused before any training.
+    let out = diffusion(&[
+        "train",
+        "--stage",
+        "vae",
+        "--architecture",
+        "tiny",
+        "--out",
+        &p("run"),
+        "--max-shard-mb",
+        "0",
+    ]);
+    assert_one_line_error(&out, "--max-shard-mb must be a positive number");
+    assert!(!dir.path().join("run").exists());
+
     // Nothing was written by the failed runs.
     assert!(!dir.path().join("a.png").exists());
 }

@@ -19,6 +19,11 @@
 //! names dropped), in f32, with the `{"format": "pt"}` metadata transformers expects. The
 //! whole folder is assembled in a temporary folder beside the target and renamed into
 //! place, so an existing export is only replaced by a complete one.
+//!
+//! [`export_pipeline_sharded`] splits each weight file larger than a given size into
+//! diffusers' / transformers' sharded layout (`NAME-00001-of-0000N.safetensors` and
+//! `NAME.safetensors.index.json` mapping every tensor to its shard), tensors unchanged;
+//! both this project's loaders and diffusers read it.
 
 use std::path::{Path, PathBuf};
 
@@ -29,6 +34,7 @@ use diffusion_core::{Error, Result};
 use diffusion_models::clip::{ClipTextConfig, ClipTextModel};
 use diffusion_models::unet::{UNet2DConditionConfig, UNet2DConditionModel};
 use diffusion_models::vae::{AutoencoderKL, AutoencoderKLConfig};
+use safetensors::{SafeTensorError, SafeTensors};
 use serde_json::{Value, json};
 
 use crate::train::model::ModelArchitecture;
@@ -48,6 +54,70 @@ pub fn safetensors_bytes<B: Backend, M: Module<B>>(module: &M) -> Result<Vec<u8>
     store
         .get_bytes()
         .map_err(|e| Error::Weights(format!("cannot serialise weights: {e}")))
+}
+
+/// Writes the safetensors `bytes` as `dir/STEM.safetensors`, or, when they are larger than
+/// `max_shard_bytes`, as shards of at most that size (a tensor larger than it gets a shard of
+/// its own) named `STEM-0000i-of-0000n.safetensors` with `STEM.safetensors.index.json`, the
+/// layout diffusers' `save_pretrained(max_shard_size=...)` writes. Tensors are assigned to
+/// shards in name order. Returns the names of the files written.
+pub fn write_weights(
+    dir: &Path,
+    stem: &str,
+    bytes: &[u8],
+    max_shard_bytes: Option<usize>,
+) -> Result<Vec<String>> {
+    let single = format!("{stem}.safetensors");
+    let limit = match max_shard_bytes {
+        Some(limit) if bytes.len() > limit => limit,
+        _ => {
+            write_file(&dir.join(&single), bytes)?;
+            return Ok(vec![single]);
+        }
+    };
+    let bad = |e: SafeTensorError| Error::Weights(format!("cannot shard {single}: {e}"));
+    let tensors = SafeTensors::deserialize(bytes).map_err(bad)?;
+    let (_, header) = SafeTensors::read_metadata(bytes).map_err(bad)?;
+    let mut names: Vec<&str> = tensors.names();
+    names.sort_unstable();
+    let mut shards: Vec<Vec<&str>> = Vec::new();
+    let mut size = 0;
+    for name in names {
+        let len = tensors.tensor(name).map_err(bad)?.data().len();
+        match shards.last_mut() {
+            Some(shard) if size + len <= limit => shard.push(name),
+            _ => {
+                shards.push(vec![name]);
+                size = 0;
+            }
+        }
+        size += len;
+    }
+    let count = shards.len();
+    let mut files = Vec::with_capacity(count + 1);
+    let mut weight_map = serde_json::Map::new();
+    let mut total = 0;
+    for (i, shard) in shards.iter().enumerate() {
+        let file = format!("{stem}-{:05}-of-{count:05}.safetensors", i + 1);
+        let views = shard
+            .iter()
+            .map(|name| Ok((*name, tensors.tensor(name).map_err(bad)?)))
+            .collect::<Result<Vec<_>>>()?;
+        total += views.iter().map(|(_, v)| v.data().len()).sum::<usize>();
+        let data = safetensors::serialize(views, header.metadata().clone()).map_err(bad)?;
+        write_file(&dir.join(&file), &data)?;
+        for name in shard {
+            weight_map.insert(name.to_string(), Value::String(file.clone()));
+        }
+        files.push(file);
+    }
+    let index = format!("{single}.index.json");
+    write_json(
+        &dir.join(&index),
+        &json!({"metadata": {"total_size": total}, "weight_map": weight_map}),
+    )?;
+    files.push(index);
+    Ok(files)
 }
 
 fn write_file(path: &Path, bytes: &[u8]) -> Result<()> {
@@ -172,14 +242,26 @@ pub fn write_vae_files<B: Backend>(
     config: &AutoencoderKLConfig,
     vae: &AutoencoderKL<B>,
 ) -> Result<()> {
+    write_vae_folder(dir, config, vae, None)
+}
+
+fn write_vae_folder<B: Backend>(
+    dir: &Path,
+    config: &AutoencoderKLConfig,
+    vae: &AutoencoderKL<B>,
+    max_shard_bytes: Option<usize>,
+) -> Result<()> {
     let mut config = config.clone();
     config.scaling_factor = vae.scaling_factor;
     config.shift_factor = (vae.shift_factor != 0.0).then_some(vae.shift_factor);
     write_json(&dir.join("config.json"), &vae_config_json(&config)?)?;
-    write_file(
-        &dir.join("diffusion_pytorch_model.safetensors"),
+    write_weights(
+        dir,
+        "diffusion_pytorch_model",
         &safetensors_bytes(vae)?,
-    )
+        max_shard_bytes,
+    )?;
+    Ok(())
 }
 
 /// Exports a VAE on its own as a diffusers `AutoencoderKL` folder, atomically.
@@ -230,8 +312,18 @@ pub fn model_index_json(scheduler_class: &str) -> Value {
 }
 
 /// Exports a whole text-to-image pipeline as a diffusers folder at `dir`, atomically (see
-/// the [module documentation](self)).
+/// the [module documentation](self)), one weight file per component.
 pub fn export_pipeline<B: Backend>(dir: &Path, parts: PipelineExport<'_, B>) -> Result<()> {
+    export_pipeline_sharded(dir, parts, None)
+}
+
+/// [`export_pipeline`], with each component's weights split into shards of at most
+/// `max_shard_bytes` when larger ([`write_weights`]; `None`: one file each).
+pub fn export_pipeline_sharded<B: Backend>(
+    dir: &Path,
+    parts: PipelineExport<'_, B>,
+    max_shard_bytes: Option<usize>,
+) -> Result<()> {
     let arch = parts.architecture;
     arch.validate()?;
     let scheduler_class = arch
@@ -249,18 +341,22 @@ pub fn export_pipeline<B: Backend>(dir: &Path, parts: PipelineExport<'_, B>) -> 
             &tmp.join("unet/config.json"),
             &unet_config_json(&arch.unet)?,
         )?;
-        write_file(
-            &tmp.join("unet/diffusion_pytorch_model.safetensors"),
+        write_weights(
+            &tmp.join("unet"),
+            "diffusion_pytorch_model",
             &safetensors_bytes(parts.unet)?,
+            max_shard_bytes,
         )?;
-        write_vae_files(&tmp.join("vae"), &arch.vae, parts.vae)?;
+        write_vae_folder(&tmp.join("vae"), &arch.vae, parts.vae, max_shard_bytes)?;
         write_json(
             &tmp.join("text_encoder/config.json"),
             &text_encoder_config_json(&arch.text_encoder)?,
         )?;
-        write_file(
-            &tmp.join("text_encoder/model.safetensors"),
+        write_weights(
+            &tmp.join("text_encoder"),
+            "model",
             &safetensors_bytes(parts.text_encoder)?,
+            max_shard_bytes,
         )?;
         arch.tokenizer.write(&tmp.join("tokenizer"))?;
         write_json(
