@@ -10,10 +10,9 @@
 //! The first call of each component is reported separately: GPU backends compile and
 //! autotune their kernels on first use.
 
-use std::time::Instant;
-
 use burn::tensor::backend::Backend;
 use burn::tensor::{Int, Tensor, TensorData};
+use diffusion_benches::time;
 use diffusion_pipelines::core::{ConfigMap, HostTensor, Result};
 use diffusion_pipelines::models::clip::ClipTextConfig;
 use diffusion_pipelines::models::nn::{ConvAlgorithm, set_conv_algorithm};
@@ -59,21 +58,6 @@ fn parse() -> Args {
         i += 2;
     }
     a
-}
-
-fn time<F: FnMut()>(iters: usize, mut f: F) -> (f64, f64, f64) {
-    let t0 = Instant::now();
-    f();
-    let first = t0.elapsed().as_secs_f64() * 1e3;
-    let mut samples = Vec::new();
-    for _ in 0..iters {
-        let t = Instant::now();
-        f();
-        samples.push(t.elapsed().as_secs_f64() * 1e3);
-    }
-    let mean = samples.iter().sum::<f64>() / samples.len().max(1) as f64;
-    let var = samples.iter().map(|s| (s - mean).powi(2)).sum::<f64>() / samples.len().max(1) as f64;
-    (first, mean, var.sqrt())
 }
 
 fn run<B: Backend>(args: &Args, device: &B::Device, name: &str) -> Result<()> {

@@ -10,10 +10,9 @@
 //! Weights and inputs are random (speed does not depend on them). The first call of each
 //! case is reported separately: GPU backends compile their kernels on first use.
 
-use std::time::Instant;
-
 use burn::tensor::backend::AutodiffBackend;
 use burn::tensor::{Distribution, Int, Tensor, TensorData};
+use diffusion_benches::time;
 use diffusion_pipelines::core::Result;
 use diffusion_pipelines::models::nn::{ConvAlgorithm, set_conv_algorithm};
 use diffusion_pipelines::train::model::{ModelArchitecture, TextToImageModel};
@@ -46,22 +45,6 @@ fn parse() -> Args {
         i += 2;
     }
     a
-}
-
-/// (first call, mean, standard deviation) in milliseconds.
-fn time<F: FnMut()>(iters: usize, mut f: F) -> (f64, f64, f64) {
-    let t0 = Instant::now();
-    f();
-    let first = t0.elapsed().as_secs_f64() * 1e3;
-    let mut samples = Vec::new();
-    for _ in 0..iters {
-        let t = Instant::now();
-        f();
-        samples.push(t.elapsed().as_secs_f64() * 1e3);
-    }
-    let mean = samples.iter().sum::<f64>() / samples.len().max(1) as f64;
-    let var = samples.iter().map(|s| (s - mean).powi(2)).sum::<f64>() / samples.len().max(1) as f64;
-    (first, mean, var.sqrt())
 }
 
 fn run<B: AutodiffBackend>(args: &Args, device: &B::Device, name: &str) -> Result<()> {

@@ -34,6 +34,7 @@ use diffusion_core::{Error, Result};
 use diffusion_models::clip::{ClipTextConfig, ClipTextModel};
 use diffusion_models::unet::{UNet2DConditionConfig, UNet2DConditionModel};
 use diffusion_models::vae::{AutoencoderKL, AutoencoderKLConfig};
+use safetensors::tensor::TensorView;
 use safetensors::{SafeTensorError, SafeTensors};
 use serde_json::{Value, json};
 
@@ -77,17 +78,18 @@ pub fn write_weights(
     };
     let bad = |e: SafeTensorError| Error::Weights(format!("cannot shard {single}: {e}"));
     let tensors = SafeTensors::deserialize(bytes).map_err(bad)?;
+    // `SafeTensors` keeps the header's `__metadata__` private; read it for the shards.
     let (_, header) = SafeTensors::read_metadata(bytes).map_err(bad)?;
-    let mut names: Vec<&str> = tensors.names();
-    names.sort_unstable();
-    let mut shards: Vec<Vec<&str>> = Vec::new();
+    let mut views: Vec<(&str, TensorView<'_>)> = tensors.iter().collect();
+    views.sort_unstable_by_key(|(name, _)| *name);
+    let mut shards: Vec<Vec<(&str, TensorView<'_>)>> = Vec::new();
     let mut size = 0;
-    for name in names {
-        let len = tensors.tensor(name).map_err(bad)?.data().len();
+    for (name, view) in views {
+        let len = view.data().len();
         match shards.last_mut() {
-            Some(shard) if size + len <= limit => shard.push(name),
+            Some(shard) if size + len <= limit => shard.push((name, view)),
             _ => {
-                shards.push(vec![name]);
+                shards.push(vec![(name, view)]);
                 size = 0;
             }
         }
@@ -97,18 +99,14 @@ pub fn write_weights(
     let mut files = Vec::with_capacity(count + 1);
     let mut weight_map = serde_json::Map::new();
     let mut total = 0;
-    for (i, shard) in shards.iter().enumerate() {
+    for (i, shard) in shards.into_iter().enumerate() {
         let file = format!("{stem}-{:05}-of-{count:05}.safetensors", i + 1);
-        let views = shard
-            .iter()
-            .map(|name| Ok((*name, tensors.tensor(name).map_err(bad)?)))
-            .collect::<Result<Vec<_>>>()?;
-        total += views.iter().map(|(_, v)| v.data().len()).sum::<usize>();
-        let data = safetensors::serialize(views, header.metadata().clone()).map_err(bad)?;
-        write_file(&dir.join(&file), &data)?;
-        for name in shard {
+        for (name, view) in &shard {
             weight_map.insert(name.to_string(), Value::String(file.clone()));
+            total += view.data().len();
         }
+        let data = safetensors::serialize(shard, header.metadata().clone()).map_err(bad)?;
+        write_file(&dir.join(&file), &data)?;
         files.push(file);
     }
     let index = format!("{single}.index.json");
