@@ -2,6 +2,7 @@
 
 use std::ops::ControlFlow;
 use std::path::{Path, PathBuf};
+use std::str::FromStr;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Instant;
@@ -10,7 +11,9 @@ use burn::tensor::backend::Backend;
 use clap::{Args, ValueEnum};
 use diffusion_pipelines::core::{Error, ModelDir, Result, SeededNoise};
 use diffusion_pipelines::image_io::{NpyArray, RgbImage};
-use diffusion_pipelines::models::nn::{ConvAlgorithm, set_conv_algorithm};
+use diffusion_pipelines::models::nn::{
+    AttentionKernel, ConvAlgorithm, Kernels, MatmulKernel, set_conv_algorithm, set_kernels,
+};
 use diffusion_pipelines::models::tokenizer::ClipTokenizer;
 use diffusion_pipelines::stable_diffusion::{GenerateOptions, Precision, StableDiffusionPipeline};
 use indicatif::{ProgressBar, ProgressStyle};
@@ -26,27 +29,103 @@ pub enum DeviceKind {
     Cuda,
 }
 
-/// `--conv`: how convolutions are computed
-/// ([`ConvAlgorithm`](diffusion_pipelines::models::nn::ConvAlgorithm)).
-#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
-pub enum ConvArg {
-    /// `gemm` on the CPU (measured 1.5-4.3x faster there, docs/BENCHMARKS.md), `backend`
-    /// on the GPU backends (where `gemm` is not measured yet).
+/// A kernel flag's value: `auto` (chosen for the device, see [`KernelArgs::apply`]) or an
+/// explicit choice.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum KernelChoice<T> {
+    /// The measured default for the device.
     Auto,
-    /// The backend's convolution kernels.
-    Backend,
-    /// im2col and a matrix product (under autodiff, the backward pass is matrix products).
-    Gemm,
+    /// This choice on every device (explicit CUDA kernels fall back to the backend's
+    /// elsewhere).
+    Set(T),
 }
 
-impl ConvArg {
-    /// Makes it the process's convolution algorithm for work on `device`.
-    pub fn apply(self, device: DeviceKind) {
-        set_conv_algorithm(match (self, device) {
-            (ConvArg::Backend, _) => ConvAlgorithm::Backend,
-            (ConvArg::Gemm, _) | (ConvArg::Auto, DeviceKind::Cpu) => ConvAlgorithm::Gemm,
-            (ConvArg::Auto, DeviceKind::Wgpu | DeviceKind::Cuda) => ConvAlgorithm::Backend,
+impl<T: FromStr<Err = Error>> FromStr for KernelChoice<T> {
+    type Err = Error;
+
+    fn from_str(s: &str) -> Result<Self> {
+        match s {
+            "auto" => Ok(KernelChoice::Auto),
+            other => other.parse().map(KernelChoice::Set),
+        }
+    }
+}
+
+/// `--conv`, `--attention`, `--matmul`: the kernels the networks run
+/// ([`diffusion_pipelines::models::nn::kernels`]). Every choice gives the same numbers up
+/// to float rounding.
+#[derive(Debug, Clone, Args)]
+pub struct KernelArgs {
+    /// How convolutions are computed: `backend` (the backend's kernels), `gemm` (im2col and
+    /// a matrix product; under autodiff the backward pass is matrix products too), or
+    /// `igemm[-sync-cmma|-async-cmma|...]` (CUDA: implicit GEMM on tensor cores, f32
+    /// accumulation; TF32 products for f32 inputs, as PyTorch's cuDNN default). `auto`:
+    /// `gemm` on the CPU, `backend` on wgpu, `igemm-async-cmma` (f16/bf16) or
+    /// `igemm-sync-cmma` (f32) on CUDA, the fastest measured (docs/BENCHMARKS.md).
+    #[arg(long, default_value = "auto")]
+    pub conv: KernelChoice<ConvAlgorithm>,
+    /// Attention kernel: `backend`, or on CUDA `flash` (`flash2|flash4|flash8`: warps per
+    /// block; tensor cores, f32 softmax; rejects head widths that are not a multiple of 16,
+    /// e.g. SD1.5's 40, and then runs `backend`) or `flash-unit`. `auto`: `backend` (the
+    /// fastest measured for SD1.5).
+    #[arg(long, default_value = "auto")]
+    pub attention: KernelChoice<AttentionKernel>,
+    /// Matrix-product kernel of linear layers: `backend` or, on CUDA, a cubek strategy
+    /// (`simple-cyclic-cmma`, `specialized-tma-mma`, ...). `auto`: `specialized-tma-mma`
+    /// for f16/bf16 on CUDA (the fastest measured), `backend` otherwise.
+    #[arg(long, default_value = "auto")]
+    pub matmul: KernelChoice<MatmulKernel>,
+}
+
+impl KernelArgs {
+    /// Makes them the process's kernels for work on `device` with a U-Net in `dtype`.
+    pub fn apply(&self, device: DeviceKind, dtype: DType) {
+        let auto = auto_kernels(device, dtype);
+        set_conv_algorithm(match self.conv {
+            KernelChoice::Set(c) => c,
+            KernelChoice::Auto => auto.0,
         });
+        set_kernels(Kernels {
+            attention: match self.attention {
+                KernelChoice::Set(k) => k,
+                KernelChoice::Auto => auto.1.attention,
+            },
+            matmul: match self.matmul {
+                KernelChoice::Set(k) => k,
+                KernelChoice::Auto => auto.1.matmul,
+            },
+        });
+    }
+}
+
+/// What `auto` means, measured with `sd-bench --sweep` (docs/BENCHMARKS.md, H200,
+/// 2026-12-04):
+/// - CPU: im2col + matmul convolutions (4.3x faster than the direct ones).
+/// - CUDA, f16 / bf16: cubek's asynchronous implicit-GEMM convolution and the warp-specialised
+///   TMA matmul (SD1.5 U-Net 703 -> 97 ms, VAE decode 1326 -> 68 ms). The flash attention
+///   kernels reject SD's head widths (40, 80, 160; they fell back on every call), so
+///   attention stays the backend's.
+/// - CUDA, f32: the synchronous implicit-GEMM convolution (U-Net 709 -> 137 ms, VAE decode
+///   1326 -> 103 ms). It multiplies on tensor cores in TF32, like PyTorch's cuDNN
+///   convolutions by default (`torch.backends.cudnn.allow_tf32`): 1e-3 relative from the
+///   exact f32 result, which `--conv backend` keeps. Linear layers keep the backend's matmul.
+/// - wgpu: the backend's kernels (the explicit ones are CUDA's).
+fn auto_kernels(device: DeviceKind, dtype: DType) -> (ConvAlgorithm, Kernels) {
+    use diffusion_pipelines::models::nn::{ConvKernel, MatmulStrategy};
+    match (device, dtype) {
+        (DeviceKind::Cpu, _) => (ConvAlgorithm::Gemm, Kernels::default()),
+        (DeviceKind::Wgpu, _) => (ConvAlgorithm::Backend, Kernels::default()),
+        (DeviceKind::Cuda, DType::F16 | DType::Bf16) => (
+            ConvAlgorithm::ImplicitGemm(ConvKernel::AsyncCmma),
+            Kernels {
+                attention: AttentionKernel::Backend,
+                matmul: MatmulKernel::Cube(MatmulStrategy::SpecializedTmaMma),
+            },
+        ),
+        (DeviceKind::Cuda, DType::F32) => (
+            ConvAlgorithm::ImplicitGemm(ConvKernel::SyncCmma),
+            Kernels::default(),
+        ),
     }
 }
 
@@ -129,14 +208,14 @@ pub struct GenerateArgs {
     #[arg(long, value_enum, default_value_t = DeviceKind::Cpu)]
     pub device: DeviceKind,
     /// Precision of the U-Net and text encoder. f16/bf16 need a backend with those types
-    /// (cuda; wgpu with shader-f16); the VAE decode, the sampler, normalisation,
-    /// convolutions and attention stay in f32.
+    /// (cuda; wgpu with shader-f16); the VAE decode, the sampler and normalisation stay in
+    /// f32, and convolutions and attention accumulate in f32 (the backend's convolution
+    /// runs wholly in f32).
     #[arg(long, value_enum, default_value_t = DType::F32)]
     pub dtype: DType,
-    /// How convolutions are computed: the backend's kernels, or im2col and a matrix
-    /// product (same numbers up to float rounding); `auto` is `gemm` on the CPU.
-    #[arg(long, value_enum, default_value_t = ConvArg::Auto)]
-    pub conv: ConvArg,
+    /// Kernel choices.
+    #[command(flatten)]
+    pub kernels: KernelArgs,
 }
 
 fn model_dir(model: Option<&Path>) -> Result<PathBuf> {
@@ -203,7 +282,7 @@ pub fn generate(args: &GenerateArgs) -> Result<()> {
             run::<B>(self.0, device)
         }
     }
-    args.conv.apply(args.device);
+    args.kernels.apply(args.device, args.dtype);
     on_device(args.device, Generate(args))
 }
 
@@ -225,7 +304,10 @@ pub fn on_device<J: BackendJob>(kind: DeviceKind, job: J) -> Result<J::Output> {
         #[cfg(feature = "wgpu")]
         DeviceKind::Wgpu => job.run::<burn::backend::Wgpu<f32>>(&Default::default()),
         #[cfg(feature = "cuda")]
-        DeviceKind::Cuda => job.run::<burn::backend::Cuda<f32>>(&Default::default()),
+        DeviceKind::Cuda => {
+            diffusion_pipelines::models::nn::kernels::keep_compiled_kernels(&kernel_cache_dir());
+            job.run::<burn::backend::Cuda<f32>>(&Default::default())
+        }
         #[allow(unreachable_patterns)]
         other => Err(Error::Unsupported(format!(
             "--device {other:?}: this binary was built without that backend (cargo feature `{}`)",
@@ -236,6 +318,20 @@ pub fn on_device<J: BackendJob>(kind: DeviceKind, job: J) -> Result<J::Output> {
             }
         ))),
     }
+}
+
+/// Where the CUDA backend keeps the kernels it compiles, across runs:
+/// `$DIFFUSION_KERNEL_CACHE`, else `$XDG_CACHE_HOME/diffusion-rs/cuda-kernels`, else
+/// `~/.cache/diffusion-rs/cuda-kernels` (a `cubecl.toml` naming a compilation cache wins).
+pub fn kernel_cache_dir() -> PathBuf {
+    if let Some(dir) = std::env::var_os("DIFFUSION_KERNEL_CACHE") {
+        return PathBuf::from(dir);
+    }
+    let base = std::env::var_os("XDG_CACHE_HOME")
+        .map(PathBuf::from)
+        .or_else(|| std::env::var_os("HOME").map(|h| PathBuf::from(h).join(".cache")))
+        .unwrap_or_else(std::env::temp_dir);
+    base.join("diffusion-rs").join("cuda-kernels")
 }
 
 fn load_mask(path: &Path, width: u32, height: u32) -> Result<Vec<f32>> {

@@ -21,7 +21,7 @@ use diffusion_pipelines::stable_diffusion::{GenerateOptions, StableDiffusionPipe
 use indicatif::{ProgressBar, ProgressStyle};
 use serde::Serialize;
 
-use crate::cli::{BackendJob, ConvArg, DeviceKind, on_device};
+use crate::cli::{BackendJob, DeviceKind, KernelArgs, on_device};
 
 /// `diffusion evaluate` arguments.
 #[derive(Debug, Clone, Args)]
@@ -51,10 +51,9 @@ pub struct EvaluateArgs {
     /// Where to run.
     #[arg(long, value_enum, default_value_t = DeviceKind::Cpu)]
     pub device: DeviceKind,
-    /// How convolutions are computed (as `diffusion generate --conv`; `auto`: `gemm` on the
-    /// CPU).
-    #[arg(long, value_enum, default_value_t = ConvArg::Auto)]
-    pub conv: ConvArg,
+    /// Kernel choices (as `diffusion generate`).
+    #[command(flatten)]
+    pub kernels: KernelArgs,
     /// Also write the results as JSON.
     #[arg(long)]
     pub json: Option<PathBuf>,
@@ -103,7 +102,7 @@ pub fn evaluate(args: &EvaluateArgs) -> Result<()> {
             run::<B>(self.0, device)
         }
     }
-    args.conv.apply(args.device);
+    args.kernels.apply(args.device, crate::cli::DType::F32);
     on_device(args.device, Evaluate(args))
 }
 

@@ -48,7 +48,7 @@ use diffusion_pipelines::train::vae::{
 use indicatif::{ProgressBar, ProgressStyle};
 use serde::{Deserialize, Serialize};
 
-use crate::cli::{BackendJob, ConvArg, DeviceKind, on_device};
+use crate::cli::{BackendJob, DeviceKind, KernelArgs, on_device};
 
 /// Which part of the model a run trains.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum, Serialize, Deserialize)]
@@ -208,13 +208,12 @@ pub struct TrainArgs {
     /// VAE stage: weight of the KL term.
     #[arg(long, default_value_t = 1e-6)]
     pub kl_weight: f64,
-    /// How convolutions are computed: `backend` (the backend's kernels) or `gemm` (im2col
-    /// and a matrix product, whose backward pass is matrix products too; it avoids the
-    /// CubeCL backends' slow direct weight-gradient kernel, at k x k times the activation
-    /// memory). Both give the same numbers up to float rounding. `auto`: `gemm` on the CPU,
-    /// `backend` on the GPU backends.
-    #[arg(long, value_enum, default_value_t = ConvArg::Auto)]
-    pub conv: ConvArg,
+    /// Kernel choices (as `diffusion generate`). Training runs under autodiff, where only
+    /// `--conv backend|gemm` apply (`gemm`'s backward pass is matrix products, which avoids
+    /// the CubeCL backends' slow direct weight-gradient kernel, at k x k times the
+    /// activation memory); the sample grids use all of them.
+    #[command(flatten)]
+    pub kernels: KernelArgs,
 }
 
 /// What a run stores in its checkpoints besides the trainer state.
@@ -230,7 +229,7 @@ struct RunState {
 
 /// `diffusion train`.
 pub fn train(args: &TrainArgs) -> Result<()> {
-    args.conv.apply(args.device);
+    args.kernels.apply(args.device, crate::cli::DType::F32);
     struct Train<'a>(&'a TrainArgs);
     impl BackendJob for Train<'_> {
         type Output = ();

@@ -6,9 +6,8 @@ use burn::module::Module;
 use burn::nn::{GroupNorm, GroupNormConfig, Linear, LinearConfig};
 use burn::tensor::Tensor;
 use burn::tensor::backend::Backend;
-use burn::tensor::module::attention;
-use burn::tensor::ops::AttentionModuleOptions;
 
+use super::kernels::{flash_applies, linear, scaled_dot_product};
 use super::{cast_to, group_norm, upcast_dtype};
 
 /// How attention is evaluated.
@@ -160,15 +159,15 @@ impl<B: Backend> Attention<B> {
             x.reshape([batch, seq, self.heads, self.dim_head])
                 .swap_dims(1, 2)
         };
-        let q = split(self.to_q.forward(hidden), seq_q);
-        let k = split(self.to_k.forward(context.clone()), seq_k);
-        let v = split(self.to_v.forward(context), seq_k);
+        let q = split(linear(&self.to_q, hidden), seq_q);
+        let k = split(linear(&self.to_k, context.clone()), seq_k);
+        let v = split(linear(&self.to_v, context), seq_k);
 
         let out = self.attend(q, k, v);
         let out = out
             .swap_dims(1, 2)
             .reshape([batch, seq_q, self.heads * self.dim_head]);
-        let mut out = self.to_out[0].forward(out);
+        let mut out = linear(&self.to_out[0], out);
         if let Some(residual) = residual {
             out = out + residual;
         }
@@ -202,27 +201,24 @@ impl<B: Backend> Attention<B> {
     pub fn attend(&self, q: Tensor<B, 4>, k: Tensor<B, 4>, v: Tensor<B, 4>) -> Tensor<B, 4> {
         let dtype = q.dtype();
         let wide = upcast_dtype(dtype);
-        let (q, k, v) = if self.upcast && wide != dtype {
+        // The flash kernels accumulate the scores, the softmax and the output in f32.
+        let (q, k, v) = if self.upcast && wide != dtype && !flash_applies::<B>() {
             (cast_to(q, wide), cast_to(k, wide), cast_to(v, wide))
         } else {
             (q, k, v)
         };
-        let options = AttentionModuleOptions {
-            scale: Some(1.0 / (self.dim_head as f64).sqrt()),
-            softcap: None,
-            is_causal: false,
-        };
+        let scale = Some(1.0 / (self.dim_head as f64).sqrt());
         let seq_q = q.dims()[2];
         let out = match self.chunking {
             AttentionChunking::QueryChunks(n) if n > 0 && n < seq_q => {
                 let chunks = q
                     .split(n, 2)
                     .into_iter()
-                    .map(|qc| attention(qc, k.clone(), v.clone(), None, None, options))
+                    .map(|qc| scaled_dot_product(qc, k.clone(), v.clone(), scale))
                     .collect();
                 Tensor::cat(chunks, 2)
             }
-            _ => attention(q, k, v, None, None, options),
+            _ => scaled_dot_product(q, k, v, scale),
         };
         cast_to(out, dtype)
     }

@@ -19,13 +19,14 @@
 //! [`ConvAlgorithm::Backend`] stays the default; trainers switch with
 //! [`set_conv_algorithm`].
 
-use std::sync::atomic::{AtomicU8, Ordering};
+use std::sync::Mutex;
 
 use burn::nn::PaddingConfig2d;
 use burn::nn::conv::Conv2d;
 use burn::tensor::backend::Backend;
 use burn::tensor::{DType, FloatDType, Tensor};
 
+use super::kernels::ConvKernel;
 use super::{cast_to, is_reduced_precision};
 
 /// How [`conv_forward`] computes a 2-D convolution (process-wide, see
@@ -38,27 +39,25 @@ pub enum ConvAlgorithm {
     /// `im2col` and a matrix product, for groups of one and explicit or no padding (others
     /// fall back to the backend); see the [module docs](self).
     Gemm,
+    /// CUDA: cubek's implicit-GEMM convolution (tensor cores, `f32` accumulation, so
+    /// `f16` / `bf16` inputs are not widened), for groups of one and symmetric padding,
+    /// outside autodiff; everything else runs as [`ConvAlgorithm::Backend`]. See
+    /// [`super::kernels`].
+    ImplicitGemm(ConvKernel),
 }
 
-static CONV_ALGORITHM: AtomicU8 = AtomicU8::new(0);
+static CONV_ALGORITHM: Mutex<ConvAlgorithm> = Mutex::new(ConvAlgorithm::Backend);
 
-/// Sets the algorithm every later [`conv_forward`] of this process uses. Both give the same
+/// Sets the algorithm every later [`conv_forward`] of this process uses. All give the same
 /// result up to float rounding (tested to 1e-5 relative, forward and gradients).
 pub fn set_conv_algorithm(algorithm: ConvAlgorithm) {
-    let code = match algorithm {
-        ConvAlgorithm::Backend => 0,
-        ConvAlgorithm::Gemm => 1,
-    };
-    CONV_ALGORITHM.store(code, Ordering::Relaxed);
+    *CONV_ALGORITHM.lock().unwrap_or_else(|e| e.into_inner()) = algorithm;
 }
 
 /// The algorithm [`conv_forward`] uses now ([`ConvAlgorithm::Backend`] unless
 /// [`set_conv_algorithm`] changed it).
 pub fn conv_algorithm() -> ConvAlgorithm {
-    match CONV_ALGORITHM.load(Ordering::Relaxed) {
-        1 => ConvAlgorithm::Gemm,
-        _ => ConvAlgorithm::Backend,
-    }
+    *CONV_ALGORITHM.lock().unwrap_or_else(|e| e.into_inner())
 }
 
 /// Applies a 2-D convolution with the process's [`ConvAlgorithm`]; for `f16` / `bf16`
@@ -73,15 +72,60 @@ pub fn conv_algorithm() -> ConvAlgorithm {
 /// - input: `[batch, channels_in, height, width]`
 /// - output: `[batch, channels_out, height_out, width_out]`
 pub fn conv_forward<B: Backend>(conv: &Conv2d<B>, x: Tensor<B, 4>) -> Tensor<B, 4> {
+    let algorithm = conv_algorithm();
+    if let ConvAlgorithm::ImplicitGemm(kernel) = algorithm
+        && let Some(out) = implicit_gemm(conv, &x, kernel)
+    {
+        return out;
+    }
     let dtype = x.dtype();
     if !is_reduced_precision(dtype) {
-        return conv_with_algorithm(conv, x, conv_algorithm());
+        return conv_with_algorithm(conv, x, algorithm);
     }
     let wide = crate::precision::cast_module(conv.clone(), FloatDType::F32);
     cast_to(
-        conv_with_algorithm(&wide, cast_to(x, DType::F32), conv_algorithm()),
+        conv_with_algorithm(&wide, cast_to(x, DType::F32), algorithm),
         dtype,
     )
+}
+
+/// The convolution of `conv` as CUDA's implicit GEMM, in the input's dtype (the kernel
+/// accumulates in `f32`); `None` off the CUDA backend, under autodiff, for grouped or
+/// asymmetrically padded convolutions and where the kernel rejects the problem.
+fn implicit_gemm<B: Backend>(
+    conv: &Conv2d<B>,
+    x: &Tensor<B, 4>,
+    kernel: ConvKernel,
+) -> Option<Tensor<B, 4>> {
+    #[cfg(feature = "cuda")]
+    {
+        if !super::cuda::is_cuda::<B>() || conv.groups != 1 {
+            return None;
+        }
+        let padding = match conv.padding {
+            PaddingConfig2d::Explicit(top, left, bottom, right)
+                if top == bottom && left == right =>
+            {
+                [top, left]
+            }
+            PaddingConfig2d::Valid => [0, 0],
+            _ => return None,
+        };
+        super::cuda::conv2d_implicit_gemm(
+            x,
+            conv.weight.val(),
+            conv.bias.as_ref().map(|b| b.val()),
+            conv.stride,
+            padding,
+            conv.dilation,
+            kernel,
+        )
+    }
+    #[cfg(not(feature = "cuda"))]
+    {
+        let _ = (conv, x, kernel);
+        None
+    }
 }
 
 /// [`Conv2d::forward`] or [`conv2d_gemm`], by `algorithm`.

@@ -76,7 +76,7 @@ impl<B: Backend> GeGlu<B> {
     /// - input: `[..., dim]`
     /// - output: `[..., inner_dim]`
     pub fn forward<const D: usize>(&self, x: Tensor<B, D>) -> Tensor<B, D> {
-        let h = self.proj.forward(x);
+        let h = super::linear(&self.proj, x);
         match self.activation {
             FeedForwardActivation::Geglu => {
                 let [a, gate] = <[Tensor<B, D>; 2]>::try_from(h.chunk(2, D - 1))
@@ -145,7 +145,7 @@ impl<B: Backend> FeedForward<B> {
         self.net.iter().fold(x, |x, layer| match layer {
             FeedForwardLayer::Act(act) => act.forward(x),
             FeedForwardLayer::Dropout(dropout) => dropout.forward(x),
-            FeedForwardLayer::Linear(linear) => linear.forward(x),
+            FeedForwardLayer::Linear(layer) => super::linear(layer, x),
         })
     }
 }

@@ -136,14 +136,14 @@ impl<B: Backend> Transformer2DModel<B> {
         };
         let mut tokens = match &self.proj_in {
             Projection::Conv(conv) => to_tokens(super::conv_forward(conv, h)),
-            Projection::Linear(linear) => linear.forward(to_tokens(h)),
+            Projection::Linear(layer) => super::linear(layer, to_tokens(h)),
         };
         for block in &self.transformer_blocks {
             tokens = block.forward(tokens, context.clone());
         }
         let out = match &self.proj_out {
             Projection::Conv(conv) => super::conv_forward(conv, to_map(tokens)),
-            Projection::Linear(linear) => to_map(linear.forward(tokens)),
+            Projection::Linear(layer) => to_map(super::linear(layer, tokens)),
         };
         out + input
     }
