@@ -146,7 +146,7 @@ fn parse() -> std::result::Result<Args, String> {
         }
         i += 2;
     }
-    if a.size % 8 != 0 || a.size == 0 {
+    if !a.size.is_multiple_of(8) || a.size == 0 {
         return Err(format!(
             "--size must be a positive multiple of 8, got {}",
             a.size

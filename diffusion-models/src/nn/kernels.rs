@@ -126,6 +126,7 @@ pub fn fallbacks() -> usize {
     FALLBACKS.load(Ordering::Relaxed)
 }
 
+#[cfg(feature = "cuda")]
 pub(crate) fn count_fallback() {
     FALLBACKS.fetch_add(1, Ordering::Relaxed);
 }

@@ -148,7 +148,7 @@ fn mean_last<B: Backend>(x: Tensor<B, 3>) -> Tensor<B, 3> {
         return x.mean_dim(2);
     }
     let mut k = (n as f64).sqrt() as usize;
-    while n % k != 0 {
+    while !n.is_multiple_of(k) {
         k -= 1;
     }
     if k == 1 {
