@@ -417,42 +417,24 @@ fn sweep<B: Backend>(args: &Args, device: &B::Device) -> Result<()> {
     let reference = host(unet.forward(x.clone(), t.clone(), context.clone(), &cond)?);
     let unet = cast_module(unet, dt);
     let (x, context) = (cast(x, dt), cast(context, dt));
-    let mut to_host = || {
-        host(
-            unet.forward(x.clone(), t.clone(), context.clone(), &cond)
-                .expect("unet"),
-        )
+    let forward = || {
+        unet.forward(x.clone(), t.clone(), context.clone(), &cond)
+            .expect("unet")
     };
-    let mut timed = || {
-        sync(
-            unet.forward(x.clone(), t.clone(), context.clone(), &cond)
-                .expect("unet"),
+    let mut to_host = || host(forward());
+    let mut timed = || sync(forward());
+    let stages: [fn(&Args, Choice) -> Vec<Choice>; 3] =
+        [conv_choices, attention_choices, matmul_choices];
+    let unet_best = stages.iter().fold(backend, |best, stage| {
+        sweep_stage(
+            "U-Net",
+            &stage(args, best),
+            args.iters,
+            &reference,
+            &mut to_host,
+            &mut timed,
         )
-    };
-    let conv = sweep_stage(
-        "U-Net",
-        &conv_choices(args, backend),
-        args.iters,
-        &reference,
-        &mut to_host,
-        &mut timed,
-    );
-    let attn = sweep_stage(
-        "U-Net",
-        &attention_choices(args, conv),
-        args.iters,
-        &reference,
-        &mut to_host,
-        &mut timed,
-    );
-    let unet_best = sweep_stage(
-        "U-Net",
-        &matmul_choices(args, attn),
-        args.iters,
-        &reference,
-        &mut to_host,
-        &mut timed,
-    );
+    });
     drop(unet);
 
     // VAE decoder.
@@ -466,25 +448,20 @@ fn sweep<B: Backend>(args: &Args, device: &B::Device) -> Result<()> {
     let reference = host(vae.decode(z.clone())?);
     let vae = cast_module(vae, dt);
     let z = cast(z, dt);
-    let mut to_host = || host(vae.decode(z.clone()).expect("vae"));
-    let mut timed = || sync(vae.decode(z.clone()).expect("vae"));
+    let decode = || vae.decode(z.clone()).expect("vae");
+    let mut to_host = || host(decode());
+    let mut timed = || sync(decode());
     let iters = args.iters.min(5);
-    let conv = sweep_stage(
-        "VAE decode",
-        &conv_choices(args, backend),
-        iters,
-        &reference,
-        &mut to_host,
-        &mut timed,
-    );
-    let vae_best = sweep_stage(
-        "VAE decode",
-        &attention_choices(args, conv),
-        iters,
-        &reference,
-        &mut to_host,
-        &mut timed,
-    );
+    let vae_best = stages[..2].iter().fold(backend, |best, stage| {
+        sweep_stage(
+            "VAE decode",
+            &stage(args, best),
+            iters,
+            &reference,
+            &mut to_host,
+            &mut timed,
+        )
+    });
     println!(
         "\nfastest within the error limit: U-Net --conv {} --attention {} --matmul {}; VAE --conv {} --attention {}",
         unet_best.conv,
