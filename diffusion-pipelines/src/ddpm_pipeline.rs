@@ -309,6 +309,8 @@ fn to_output<B: Backend>(image: Tensor<B, 4>) -> Result<GenerateOutput> {
         images,
         array,
         shape: [b, h, w, c],
+        // No text, nothing to truncate.
+        truncated: Vec::new(),
     })
 }
 

@@ -9,6 +9,8 @@
 mod guidance;
 mod options;
 mod precision;
+#[cfg(test)]
+mod tests;
 
 use std::ops::ControlFlow;
 use std::path::Path;
@@ -26,7 +28,10 @@ use diffusion_models::vae::AutoencoderKL;
 use diffusion_schedulers::{Scheduler, registry};
 
 pub use guidance::{classifier_free_guidance, guidance_scale_embedding, rescale_guidance};
-pub use options::{GenerateOptions, GenerateOutput, StepCallback, StepInfo};
+pub use options::{
+    GenerateOptions, GenerateOutput, MAX_IMAGE_SIDE, MAX_IMAGES_PER_PROMPT, MAX_STEPS, PromptKind,
+    StepCallback, StepInfo, TruncatedPrompt,
+};
 pub use precision::Precision;
 
 use crate::image_io::RgbImage;
@@ -310,69 +315,107 @@ impl<B: Backend> StableDiffusionPipeline<B> {
         }
     }
 
+    /// Checks `opts` against this model before any work, as diffusers' `check_inputs`:
+    /// [`GenerateOptions::check`] (ranges and finiteness, no model needed), then the image
+    /// size (the model's default when not given) a positive multiple of the VAE scale factor
+    /// (and of 8) up to [`MAX_IMAGE_SIDE`], an inpainting U-Net given a mask, and the latents,
+    /// init image and mask sized for the batch and image. Returns the image `(height, width)`.
+    ///
+    /// [`generate`](Self::generate) calls it first; a failure is
+    /// [`Error::InvalidArgument`] (or [`Error::Shape`] for arrays of the wrong length)
+    /// before any network runs or noise is drawn.
+    pub fn check_inputs(&self, opts: &GenerateOptions) -> Result<(usize, usize)> {
+        opts.check()?;
+        let (height, width) = self.check_size(opts)?;
+        let unet_in = self.parts.unet_config.in_channels;
+        let latent_channels = self.parts.vae.latent_channels;
+        if unet_in == latent_channels * 2 + 1 && opts.mask.is_none() {
+            return Err(Error::InvalidArgument(format!(
+                "this U-Net has {unet_in} input channels (an inpainting model): give an init image and a mask"
+            )));
+        }
+        let batch = opts.prompts.len() * opts.images_per_prompt;
+        let f = self.vae_scale_factor;
+        let lshape = [batch, latent_channels, height / f, width / f];
+        let sizes = [
+            ("latents", &opts.latents, lshape.iter().product::<usize>()),
+            ("the init image", &opts.init_image, 3 * height * width),
+            ("the mask", &opts.mask, height * width),
+        ];
+        for (name, values, expected) in sizes {
+            if let Some(values) = values
+                && values.len() != expected
+            {
+                return Err(Error::Shape(format!(
+                    "{name} has {} values; a {width}x{height} run of {batch} image(s) needs {expected}{}",
+                    values.len(),
+                    if name == "latents" {
+                        format!(" ({lshape:?})")
+                    } else {
+                        String::new()
+                    }
+                )));
+            }
+        }
+        Ok((height, width))
+    }
+
     /// Runs the pipeline. Noise (initial latents when not given, VAE posterior samples,
     /// image-to-image noising, ancestral sampler noise) is drawn from `noise` in diffusers'
     /// order, so a recorded list of diffusers' draws replays its run exactly.
+    ///
+    /// The inputs are checked first ([`check_inputs`](Self::check_inputs)). Prompts longer
+    /// than the text encoder's window are truncated, as diffusers does; the dropped text is
+    /// reported in [`GenerateOutput::truncated`].
     pub fn generate(
         &mut self,
         opts: &GenerateOptions,
         noise: &mut dyn NoiseSource,
         callback: &mut StepCallback<'_, B>,
     ) -> Result<GenerateOutput> {
-        let (height, width) = self.check_size(opts)?;
-        if opts.prompts.is_empty() {
-            return Err(Error::InvalidArgument(
-                "at least one prompt is needed".into(),
-            ));
-        }
-        if opts.steps == 0 {
-            return Err(Error::InvalidArgument("steps must be at least 1".into()));
-        }
-        if opts.images_per_prompt == 0 {
-            return Err(Error::InvalidArgument(
-                "images per prompt must be at least 1".into(),
-            ));
-        }
-        if !(0.0..=1.0).contains(&opts.strength)
-            || (opts.init_image.is_some() && opts.strength == 0.0)
-        {
-            return Err(Error::InvalidArgument(format!(
-                "strength must be in (0, 1], got {}",
-                opts.strength
-            )));
-        }
-        if opts.mask.is_some() && opts.init_image.is_none() {
-            return Err(Error::InvalidArgument("a mask needs an init image".into()));
-        }
+        let (height, width) = self.check_inputs(opts)?;
         let unet_in = self.parts.unet_config.in_channels;
         let latent_channels = self.parts.vae.latent_channels;
         let inpaint9 = unet_in == latent_channels * 2 + 1;
-        if inpaint9 && opts.mask.is_none() {
-            return Err(Error::InvalidArgument(format!(
-                "this U-Net has {unet_in} input channels (an inpainting model): give an init image and a mask"
-            )));
-        }
         let n_prompts = opts.prompts.len();
         let per = opts.images_per_prompt;
         let batch = n_prompts * per;
         let use_cfg =
             opts.guidance_scale > 1.0 && self.parts.unet_config.time_cond_proj_dim.is_none();
 
+        // Timesteps first (image-to-image starts part-way): a strength that leaves no step is
+        // an error before the text encoder runs. The scheduler draws no noise here, so the
+        // order does not change any result.
+        let scheduler = &mut self.parts.scheduler;
+        if let Some(eta) = opts.eta {
+            scheduler.set_eta(eta);
+        }
+        scheduler.set_timesteps(opts.steps)?;
+        let all_timesteps = scheduler.timesteps().to_vec();
+        let order = scheduler.order();
+        let timesteps = if opts.init_image.is_some() {
+            let init = ((opts.steps as f64 * opts.strength) as usize).min(opts.steps);
+            let t_start = (opts.steps - init) * order;
+            if t_start >= all_timesteps.len() {
+                return Err(Error::InvalidArgument(format!(
+                    "strength {} leaves no denoising steps out of {}",
+                    opts.strength, opts.steps
+                )));
+            }
+            scheduler.set_begin_index(t_start);
+            all_timesteps[t_start..].to_vec()
+        } else {
+            all_timesteps
+        };
+
+        let mut truncated = self.truncations(&opts.prompts, PromptKind::Prompt)?;
         // 1. Prompt embeddings, repeated per image: [p0, p0, p1, p1, ...].
         let (cond, pooled) = self.encode_text(&opts.prompts, opts.clip_skip)?;
         let cond = repeat_interleave3(cond, per);
         let pooled = pooled.map(|p| repeat_interleave2(p, per));
         let (embeds, pooled_all) = if use_cfg {
-            let negatives = match &opts.negative_prompts {
-                Some(n) if n.len() != n_prompts => {
-                    return Err(Error::InvalidArgument(format!(
-                        "{} negative prompts for {n_prompts} prompts",
-                        n.len()
-                    )));
-                }
-                Some(n) => Some(n.clone()),
-                None => None,
-            };
+            // Counted against the prompts by check_inputs.
+            let negatives = opts.negative_prompts.clone();
             let zero_negative = negatives.is_none()
                 && self.parts.force_zeros_for_empty_prompt
                 && self.parts.text_encoder_2.is_some();
@@ -383,6 +426,7 @@ impl<B: Backend> StableDiffusionPipeline<B> {
                 )
             } else {
                 let texts = negatives.unwrap_or_else(|| vec![String::new(); n_prompts]);
+                truncated.extend(self.truncations(&texts, PromptKind::NegativePrompt)?);
                 let (n, p) = self.encode_text(&texts, opts.clip_skip)?;
                 (
                     repeat_interleave3(n, per),
@@ -421,52 +465,16 @@ impl<B: Backend> StableDiffusionPipeline<B> {
             ));
         }
 
-        // 3. Timesteps (image-to-image starts part-way).
-        let scheduler = &mut self.parts.scheduler;
-        if let Some(eta) = opts.eta {
-            scheduler.set_eta(eta);
-        }
-        scheduler.set_timesteps(opts.steps)?;
-        let all_timesteps = scheduler.timesteps().to_vec();
-        let order = scheduler.order();
-        let (timesteps, t_start) = if opts.init_image.is_some() {
-            let init = ((opts.steps as f64 * opts.strength) as usize).min(opts.steps);
-            let t_start = (opts.steps - init) * order;
-            if t_start >= all_timesteps.len() {
-                return Err(Error::InvalidArgument(format!(
-                    "strength {} leaves no denoising steps out of {}",
-                    opts.strength, opts.steps
-                )));
-            }
-            scheduler.set_begin_index(t_start);
-            (all_timesteps[t_start..].to_vec(), t_start)
-        } else {
-            (all_timesteps, 0)
-        };
-        let _ = t_start;
-
-        // 4. Latents.
+        // 3. Latents (their length was checked by check_inputs).
         let (lh, lw) = (
             height / self.vae_scale_factor,
             width / self.vae_scale_factor,
         );
         let lshape = [batch, latent_channels, lh, lw];
-        let given = match &opts.latents {
-            Some(l) => {
-                let n: usize = lshape.iter().product();
-                if l.len() != n {
-                    return Err(Error::Shape(format!(
-                        "latents have {} values, expected {lshape:?} ({n})",
-                        l.len()
-                    )));
-                }
-                Some(Tensor::<B, 4>::from_data(
-                    TensorData::new(l.clone(), lshape),
-                    &self.device,
-                ))
-            }
-            None => None,
-        };
+        let given = opts
+            .latents
+            .as_ref()
+            .map(|l| Tensor::<B, 4>::from_data(TensorData::new(l.clone(), lshape), &self.device));
         let init_pixels = match &opts.init_image {
             Some(img) => Some(self.image_tensor(img, height, width)?),
             None => None,
@@ -515,7 +523,7 @@ impl<B: Backend> StableDiffusionPipeline<B> {
             },
         };
 
-        // 5. Inpainting mask latents.
+        // 4. Inpainting mask latents.
         let mut mask_latent = None;
         let mut masked_image_latents = None;
         if let (Some(pixels), Some(mask)) = (&init_pixels, &mask_pixels) {
@@ -527,7 +535,7 @@ impl<B: Backend> StableDiffusionPipeline<B> {
             masked_image_latents = Some(repeat_batch(mil, batch));
         }
 
-        // 6. Denoising loop.
+        // 5. Denoising loop.
         let total = timesteps.len();
         for (i, &t) in timesteps.iter().enumerate() {
             let doubled = if use_cfg {
@@ -601,8 +609,33 @@ impl<B: Backend> StableDiffusionPipeline<B> {
             }
         }
 
-        // 7. Decode.
-        self.decode(latents)
+        // 6. Decode.
+        let mut out = self.decode(latents)?;
+        out.truncated = truncated;
+        Ok(out)
+    }
+
+    /// What the tokenizers drop from each of `texts` (one entry per text cut; SDXL's two
+    /// tokenizers usually cut at the same token and then report it once).
+    fn truncations(&self, texts: &[String], kind: PromptKind) -> Result<Vec<TruncatedPrompt>> {
+        let mut out: Vec<TruncatedPrompt> = Vec::new();
+        let second = self.parts.text_encoder_2.as_ref().map(|s| &s.tokenizer);
+        for tokenizer in std::iter::once(&self.parts.tokenizer).chain(second) {
+            for (index, text) in texts.iter().enumerate() {
+                if let Some(dropped) = truncated_text(tokenizer, text)? {
+                    let t = TruncatedPrompt {
+                        kind,
+                        index,
+                        max_tokens: tokenizer.max_length(),
+                        dropped,
+                    };
+                    if !out.contains(&t) {
+                        out.push(t);
+                    }
+                }
+            }
+        }
+        Ok(out)
     }
 
     /// Decodes latents to images: `vae.decode(latents / scaling_factor + shift)`, mapped from
@@ -643,6 +676,7 @@ impl<B: Backend> StableDiffusionPipeline<B> {
             images: rgb,
             array,
             shape: [b, h, w, 3],
+            truncated: Vec::new(),
         })
     }
 
@@ -653,6 +687,13 @@ impl<B: Backend> StableDiffusionPipeline<B> {
         if h == 0 || w == 0 || h % f != 0 || w % f != 0 {
             return Err(Error::InvalidArgument(format!(
                 "height and width must be positive multiples of {f}, got {h}x{w}"
+            )));
+        }
+        // Given sizes were bounded by GenerateOptions::check; this catches a model whose
+        // own default size is out of range.
+        if h > MAX_IMAGE_SIDE || w > MAX_IMAGE_SIDE {
+            return Err(Error::InvalidArgument(format!(
+                "height and width must be at most {MAX_IMAGE_SIDE}, got {h}x{w}"
             )));
         }
         Ok((h, w))
@@ -723,6 +764,19 @@ impl<B: Backend> StableDiffusionPipeline<B> {
         let eps = self.randn(shape, noise)?;
         Ok(self.parts.vae.scale_latents(posterior.sample(eps)?))
     }
+}
+
+/// The text `tokenizer` drops from `prompt` to fit its window, or `None` when it fits:
+/// the decoded tokens between the window's last content position and the end token, as
+/// diffusers' `untruncated_ids[:, model_max_length - 1 : -1]`. Truncation keeps the start
+/// token and puts the end token last, so the window holds `max_length - 2` prompt tokens.
+pub fn truncated_text(tokenizer: &ClipTokenizer, prompt: &str) -> Result<Option<String>> {
+    let ids = tokenizer.encode_unpadded(prompt)?;
+    let max = tokenizer.max_length();
+    if ids.len() <= max {
+        return Ok(None);
+    }
+    Ok(Some(tokenizer.decode(&ids[max - 1..ids.len() - 1])?))
 }
 
 /// Casts to the device's default float dtype (`f32` for `Backend<f32>`) unless already
