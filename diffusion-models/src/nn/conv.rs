@@ -42,7 +42,7 @@ pub enum ConvAlgorithm {
     /// CUDA: cubek's implicit-GEMM convolution (tensor cores, `f32` accumulation, so
     /// `f16` / `bf16` inputs are not widened), for groups of one and symmetric padding,
     /// outside autodiff; everything else runs as [`ConvAlgorithm::Backend`]. See
-    /// [`super::kernels`].
+    /// [the kernels module](mod@super::kernels).
     ImplicitGemm(ConvKernel),
 }
 

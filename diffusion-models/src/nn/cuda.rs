@@ -1,4 +1,4 @@
-//! The explicit CUDA kernels of [`super::kernels`]: Burn tensors of the CUDA backend are
+//! The explicit CUDA kernels of [the kernels module](mod@super::kernels): Burn tensors of the CUDA backend are
 //! taken apart into their `CubeTensor`s and handed to cubek's launchers with a named
 //! strategy.
 //!
