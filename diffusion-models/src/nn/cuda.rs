@@ -1,6 +1,6 @@
-//! The explicit CUDA kernels of [the kernels module](mod@super::kernels): Burn tensors of the CUDA backend are
-//! taken apart into their `CubeTensor`s and handed to cubek's launchers with a named
-//! strategy.
+//! The explicit CUDA kernels of [the kernels module](mod@super::kernels): Burn tensors of
+//! the CUDA backend are taken apart into their `CubeTensor`s and handed to cubek's launchers
+//! with a named strategy.
 //!
 //! The backend is recognised at run time by the type of its float primitive (a
 //! `CubeTensor<CudaRuntime>`), so the models stay generic over `B: Backend`: on every other
