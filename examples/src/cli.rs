@@ -10,12 +10,16 @@ use std::time::Instant;
 use burn::tensor::backend::Backend;
 use clap::{Args, ValueEnum};
 use diffusion_pipelines::core::{Error, ModelDir, Result, SeededNoise};
-use diffusion_pipelines::image_io::{NpyArray, RgbImage};
+use diffusion_pipelines::image_io::{
+    DEFAULT_JPEG_QUALITY, ImageFormat, NpyArray, RgbImage, check_output_path,
+};
 use diffusion_pipelines::models::nn::{
     AttentionKernel, ConvAlgorithm, Kernels, MatmulKernel, set_conv_algorithm, set_kernels,
 };
 use diffusion_pipelines::models::tokenizer::ClipTokenizer;
-use diffusion_pipelines::stable_diffusion::{GenerateOptions, Precision, StableDiffusionPipeline};
+use diffusion_pipelines::stable_diffusion::{
+    GenerateOptions, Precision, PromptKind, StableDiffusionPipeline,
+};
 use indicatif::{ProgressBar, ProgressStyle};
 
 /// Where the model runs.
@@ -166,28 +170,28 @@ pub struct GenerateArgs {
     /// dpm++2m-karras, unipc, lcm, ...); default: the model's own.
     #[arg(long)]
     pub scheduler: Option<String>,
-    /// Denoising steps.
+    /// Denoising steps (1 to 10000).
     #[arg(long, default_value_t = 30)]
     pub steps: usize,
-    /// Classifier-free guidance scale (off at 1).
+    /// Classifier-free guidance scale (off at 1; a finite number).
     #[arg(long, default_value_t = 7.5)]
     pub guidance: f64,
     /// Random seed of the initial noise and any sampler noise.
     #[arg(long, default_value_t = 0)]
     pub seed: u64,
-    /// Image height in pixels (multiple of 8; default: the model's).
+    /// Image height in pixels (multiple of 8, at most 16384; default: the model's).
     #[arg(long)]
     pub height: Option<usize>,
-    /// Image width in pixels (multiple of 8; default: the model's).
+    /// Image width in pixels (multiple of 8, at most 16384; default: the model's).
     #[arg(long)]
     pub width: Option<usize>,
-    /// Number of images.
+    /// Number of images (1 to 1024).
     #[arg(long, default_value_t = 1)]
     pub num_images: usize,
     /// Initial latents, float32 [batch, 4, H/8, W/8] .npy (diffusers' `latents=`).
     #[arg(long)]
     pub latents: Option<PathBuf>,
-    /// Source image for image-to-image or inpainting (PNG/JPEG).
+    /// Source image for image-to-image or inpainting (PNG/JPEG/WebP).
     #[arg(long)]
     pub init_image: Option<PathBuf>,
     /// How much of the source image to re-draw, in (0, 1].
@@ -196,9 +200,15 @@ pub struct GenerateArgs {
     /// Inpainting mask (white = repaint), same size as the source image.
     #[arg(long)]
     pub mask: Option<PathBuf>,
-    /// Output PNG (with `-N` before the extension for several images).
+    /// Output image, its format from the extension: .png (with the settings as text
+    /// chunks), .jpg/.jpeg (see --jpeg-quality), .webp (lossless; the image crate has no
+    /// lossy WebP encoder). JPEG and WebP files carry no settings. With several images,
+    /// `-N` goes before the extension. The folder must exist and be writable.
     #[arg(long, default_value = "image.png")]
     pub output: PathBuf,
+    /// JPEG quality, 1 to 100 (for .jpg/.jpeg outputs).
+    #[arg(long, value_name = "N", default_value_t = u32::from(DEFAULT_JPEG_QUALITY))]
+    pub jpeg_quality: u32,
     /// Also write the images as float32 [batch, H, W, 3] in [0, 1] (.npy).
     #[arg(long)]
     pub output_npy: Option<PathBuf>,
@@ -273,15 +283,76 @@ pub fn info(model: Option<&Path>) -> Result<()> {
 
 /// `diffusion generate`.
 pub fn generate(args: &GenerateArgs) -> Result<()> {
-    struct Generate<'a>(&'a GenerateArgs);
+    struct Generate<'a>(&'a GenerateArgs, ImageFormat);
     impl BackendJob for Generate<'_> {
         type Output = ();
         fn run<B: Backend>(self, device: &B::Device) -> Result<()> {
-            run::<B>(self.0, device)
+            run::<B>(self.0, self.1, device)
         }
     }
+    let format = check_generate_args(args)?;
     args.kernels.apply(args.device, args.dtype);
-    on_device(args.device, Generate(args))
+    on_device(args.device, Generate(args, format))
+}
+
+/// Everything about `args` that can be checked without reading a file or loading the
+/// model, so that a typo is a one-line error at once rather than after the model has loaded
+/// (or after the images are generated, for the output paths): the options'
+/// ranges ([`GenerateOptions::check`]), `--strength`, `--mask` without `--init-image`,
+/// `--jpeg-quality`, and the output files' formats and folders. Returns the image format.
+pub fn check_generate_args(args: &GenerateArgs) -> Result<ImageFormat> {
+    options(args).check()?;
+    // The library only checks strength where it is used (with an init image); here the
+    // flag always has a value, and an out-of-range one is a mistake either way.
+    if !(args.strength > 0.0 && args.strength <= 1.0) {
+        return Err(Error::InvalidArgument(format!(
+            "--strength must be in (0, 1], got {}",
+            args.strength
+        )));
+    }
+    if args.mask.is_some() && args.init_image.is_none() {
+        return Err(Error::InvalidArgument("--mask needs --init-image".into()));
+    }
+    let flag = |name: &str| {
+        let name = name.to_string();
+        move |e| match e {
+            Error::InvalidArgument(msg) => Error::InvalidArgument(format!("{name} {msg}")),
+            other => other,
+        }
+    };
+    let format = ImageFormat::from_path(&args.output).map_err(flag("--output"))?;
+    // Checked whatever the format: a bad value is a mistake even for a PNG.
+    let format = format
+        .with_jpeg_quality(args.jpeg_quality)
+        .map_err(flag("--jpeg-quality:"))?;
+    check_output_path(&args.output).map_err(flag("--output"))?;
+    if let Some(npy) = &args.output_npy {
+        if !npy
+            .extension()
+            .is_some_and(|e| e.eq_ignore_ascii_case("npy"))
+        {
+            return Err(Error::InvalidArgument(format!(
+                "--output-npy {}: the file name must end in .npy",
+                npy.display()
+            )));
+        }
+        check_output_path(npy).map_err(flag("--output-npy"))?;
+    }
+    Ok(format)
+}
+
+/// The generation options the flags give, without the files (init image, mask, latents)
+/// that `run` reads.
+fn options(args: &GenerateArgs) -> GenerateOptions {
+    let mut opts = GenerateOptions::prompt(args.prompt.clone());
+    opts.negative_prompts = args.negative_prompt.clone().map(|n| vec![n]);
+    opts.steps = args.steps;
+    opts.guidance_scale = args.guidance;
+    opts.images_per_prompt = args.num_images;
+    opts.height = args.height;
+    opts.width = args.width;
+    opts.strength = args.strength;
+    opts
 }
 
 /// Work generic over the Burn backend, run by [`on_device`] on the backend `--device` names.
@@ -349,7 +420,7 @@ fn load_mask(path: &Path, width: u32, height: u32) -> Result<Vec<f32>> {
         .collect())
 }
 
-fn run<B: Backend>(args: &GenerateArgs, device: &B::Device) -> Result<()> {
+fn run<B: Backend>(args: &GenerateArgs, format: ImageFormat, device: &B::Device) -> Result<()> {
     // Before anything is read: a backend without the dtype is a typed error, not a panic.
     let precision = args.dtype.precision();
     precision.check::<B>(device).map_err(|e| match e {
@@ -361,23 +432,7 @@ fn run<B: Backend>(args: &GenerateArgs, device: &B::Device) -> Result<()> {
         other => other,
     })?;
     let dir = model_dir(args.model.as_deref())?;
-    if !(args.strength > 0.0 && args.strength <= 1.0) {
-        return Err(Error::InvalidArgument(format!(
-            "--strength must be in (0, 1], got {}",
-            args.strength
-        )));
-    }
-    if args.mask.is_some() && args.init_image.is_none() {
-        return Err(Error::InvalidArgument("--mask needs --init-image".into()));
-    }
-    let mut opts = GenerateOptions::prompt(args.prompt.clone());
-    opts.negative_prompts = args.negative_prompt.clone().map(|n| vec![n]);
-    opts.steps = args.steps;
-    opts.guidance_scale = args.guidance;
-    opts.images_per_prompt = args.num_images;
-    opts.height = args.height;
-    opts.width = args.width;
-    opts.strength = args.strength;
+    let mut opts = options(args);
     if let Some(path) = &args.init_image {
         let img = RgbImage::open(path)?;
         let (w, h) = (img.width as usize, img.height as usize);
@@ -415,6 +470,9 @@ fn run<B: Backend>(args: &GenerateArgs, device: &B::Device) -> Result<()> {
         opts.latents = Some(arr.data);
     }
 
+    // Again with the files read: a strength that leaves no step of the init image's run, or
+    // a non-finite latent, is refused before the model loads.
+    opts.check()?;
     let load_start = Instant::now();
     let mut pipe =
         StableDiffusionPipeline::<B>::from_pretrained_with_precision(&dir, device, precision)?;
@@ -472,6 +530,18 @@ fn run<B: Backend>(args: &GenerateArgs, device: &B::Device) -> Result<()> {
     });
     bar.finish_and_clear();
     let out = result?;
+    for t in &out.truncated {
+        // One prompt each: the index is always 0.
+        let flag = match t.kind {
+            PromptKind::Prompt => "--prompt",
+            PromptKind::NegativePrompt => "--negative-prompt",
+        };
+        eprintln!(
+            "warning: {flag} is longer than the text encoder's {} tokens; dropped: \"{}\"",
+            t.max_tokens,
+            t.dropped.replace(char::is_control, " ")
+        );
+    }
     let total = start.elapsed().as_secs_f64();
     let steps_run = args.steps.max(1);
     eprintln!(
@@ -501,7 +571,7 @@ fn run<B: Backend>(args: &GenerateArgs, device: &B::Device) -> Result<()> {
         } else {
             numbered(&args.output, i)
         };
-        img.save_png(&path, &metadata)?;
+        img.save_as(&path, format, &metadata)?;
         eprintln!("wrote {}", path.display());
     }
     if let Some(path) = &args.output_npy {

@@ -288,6 +288,266 @@ fn bad_inputs_fail_with_one_line() {
     assert!(!dir.path().join("a.png").exists());
 }
 
+/// Out-of-range numbers and unusable output paths are refused before the model is loaded:
+/// every case names a model folder that does not exist, so an error about anything else
+/// shows the check came first.
+#[test]
+fn bad_numbers_and_outputs_fail_before_loading() {
+    let dir = tempfile::tempdir().unwrap();
+    let p = |name: &str| dir.path().join(name).to_str().unwrap().to_string();
+    let missing_model = p("no-such-model");
+    let out_png = p("a.png");
+    let npy_in_missing = p("missing/a.npy");
+    let png_in_missing = p("missing/a.png");
+    let cases: Vec<(Vec<&str>, &str)> = vec![
+        (
+            vec!["--guidance", "nan"],
+            "guidance scale must be a finite number",
+        ),
+        (
+            vec!["--guidance", "inf"],
+            "guidance scale must be a finite number",
+        ),
+        (
+            vec!["--guidance=-inf"],
+            "guidance scale must be a finite number",
+        ),
+        (vec!["--steps", "0"], "steps must be in 1..=10000"),
+        (vec!["--steps", "10001"], "steps must be in 1..=10000"),
+        (vec!["--num-images", "0"], "images per prompt"),
+        (vec!["--num-images", "5000"], "images per prompt"),
+        (
+            vec!["--height", "17"],
+            "height must be a positive multiple of 8",
+        ),
+        (
+            vec!["--width", "0"],
+            "width must be a positive multiple of 8",
+        ),
+        (vec!["--width", "32768"], "up to 16384"),
+        (vec!["--strength", "nan"], "strength must be in (0, 1]"),
+        (
+            vec!["--jpeg-quality", "0"],
+            "--jpeg-quality: JPEG quality must be in 1..=100",
+        ),
+        (vec!["--jpeg-quality", "101"], "1..=100, got 101"),
+        (
+            vec!["--output", "out.gif"],
+            "supported extensions: .png, .jpg, .jpeg, .webp",
+        ),
+        (vec!["--output", "out"], "(no extension)"),
+        (vec!["--output", &png_in_missing], "does not exist"),
+        (
+            vec!["--output", dir.path().to_str().unwrap()],
+            "unsupported image format",
+        ),
+        (vec!["--output-npy", &out_png], "must end in .npy"),
+        (vec!["--output-npy", &npy_in_missing], "does not exist"),
+    ];
+    for (extra, needle) in cases {
+        let mut args = vec!["generate", "--model", &missing_model, "--prompt", "x"];
+        if !extra.contains(&"--output") {
+            args.extend(["--output", &out_png]);
+        }
+        args.extend(extra.iter().copied());
+        let out = diffusion(&args);
+        assert_one_line_error(&out, needle);
+    }
+    // A folder named like an image is still a folder.
+    let folder = p("dir.png");
+    std::fs::create_dir(&folder).unwrap();
+    let out = diffusion(&[
+        "generate",
+        "--model",
+        &missing_model,
+        "--prompt",
+        "x",
+        "--output",
+        &folder,
+    ]);
+    assert_one_line_error(&out, "is a folder");
+    // The files are read before the model, and the options checked again with them.
+    let img = RgbImage {
+        width: 16,
+        height: 16,
+        pixels: vec![128; 16 * 16 * 3],
+    };
+    img.save_png(p("init.png"), &[]).unwrap();
+    let out = diffusion(&[
+        "generate",
+        "--model",
+        &missing_model,
+        "--prompt",
+        "x",
+        "--init-image",
+        &p("init.png"),
+        "--steps",
+        "2",
+        "--strength",
+        "0.4",
+        "--output",
+        &out_png,
+    ]);
+    assert_one_line_error(&out, "leaves no denoising steps");
+    let nan_latents = p("nan.npy");
+    NpyArray {
+        shape: vec![1, 4, 8, 8],
+        data: vec![f32::NAN; 4 * 8 * 8],
+    }
+    .write(&nan_latents)
+    .unwrap();
+    let out = diffusion(&[
+        "generate",
+        "--model",
+        &missing_model,
+        "--prompt",
+        "x",
+        "--latents",
+        &nan_latents,
+        "--output",
+        &out_png,
+    ]);
+    assert_one_line_error(&out, "latents must be finite");
+    // With good arguments the error is the missing model, as a control.
+    let out = diffusion(&[
+        "generate",
+        "--model",
+        &missing_model,
+        "--prompt",
+        "x",
+        "--output",
+        &out_png,
+    ]);
+    assert_one_line_error(&out, "no-such-model");
+    assert!(!dir.path().join("a.png").exists());
+}
+
+/// `--output` picks the format by extension: PNG with the settings, JPEG at
+/// `--jpeg-quality`, lossless WebP; numbered files for several images; the files get the
+/// permissions the umask gives a new file (not tempfile's 0600).
+#[test]
+fn output_formats_follow_the_extension() {
+    let dir = tempfile::tempdir().unwrap();
+    let sd1 = model("sd1-tiny");
+    let run = |output: &Path, extra: &[&str]| {
+        let mut args = vec![
+            "generate",
+            "--model",
+            sd1.to_str().unwrap(),
+            "--prompt",
+            "a red circle",
+            "--steps",
+            "2",
+            "--height",
+            "16",
+            "--width",
+            "16",
+            "--output",
+            output.to_str().unwrap(),
+        ];
+        args.extend(extra);
+        let o = diffusion(&args);
+        assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+        // A prompt that fits gives no warning.
+        assert!(!String::from_utf8_lossy(&o.stderr).contains("warning"));
+    };
+    let png = dir.path().join("a.png");
+    let npy = dir.path().join("a.npy");
+    run(&png, &["--output-npy", npy.to_str().unwrap()]);
+    let reference = RgbImage::open(&png).unwrap();
+    let text = diffusion_pipelines::image_io::read_png_text(&png).unwrap();
+    assert!(text.contains(&("prompt".to_string(), "a red circle".to_string())));
+
+    let webp = dir.path().join("a.WEBP");
+    run(&webp, &[]);
+    assert!(std::fs::read(&webp).unwrap().starts_with(b"RIFF"));
+    assert_eq!(
+        RgbImage::open(&webp).unwrap(),
+        reference,
+        "WebP is lossless"
+    );
+
+    let max_diff = |a: &RgbImage, b: &RgbImage| {
+        a.pixels
+            .iter()
+            .zip(&b.pixels)
+            .map(|(x, y)| x.abs_diff(*y))
+            .max()
+            .unwrap()
+    };
+    let (q100, q5) = (dir.path().join("q100.jpg"), dir.path().join("q5.jpeg"));
+    run(&q100, &["--jpeg-quality", "100"]);
+    run(&q5, &["--jpeg-quality", "5"]);
+    for path in [&q100, &q5] {
+        assert!(std::fs::read(path).unwrap().starts_with(b"\xff\xd8\xff"));
+    }
+    let (hi, lo) = (RgbImage::open(&q100).unwrap(), RgbImage::open(&q5).unwrap());
+    assert_eq!((hi.width, hi.height), (16, 16));
+    assert!(
+        max_diff(&hi, &reference) < max_diff(&lo, &reference),
+        "quality 100 should be closer to the PNG than quality 5"
+    );
+
+    let several = dir.path().join("many.jpg");
+    run(&several, &["--num-images", "2"]);
+    for i in 0..2 {
+        assert!(dir.path().join(format!("many-{i}.jpg")).exists());
+    }
+
+    #[cfg(unix)]
+    {
+        use std::os::unix::fs::PermissionsExt;
+        let plain = dir.path().join("plain");
+        std::fs::File::create(&plain).unwrap();
+        let mode = |p: &Path| std::fs::metadata(p).unwrap().permissions().mode() & 0o777;
+        let want = mode(&plain);
+        for path in [&png, &npy, &webp, &q100] {
+            assert_eq!(mode(path), want, "{}", path.display());
+        }
+    }
+}
+
+/// A prompt longer than CLIP's 77 tokens is truncated as diffusers does, with one warning
+/// line naming the dropped words.
+#[test]
+fn long_prompts_warn_about_the_dropped_words() {
+    let dir = tempfile::tempdir().unwrap();
+    let sd1 = model("sd1-tiny");
+    let out = dir.path().join("long.png");
+    // One token per word in the fixture's vocabulary: 100 words, then the words to lose.
+    let prompt = vec!["a red"; 50].join(" ") + " the end";
+    let o = diffusion(&[
+        "generate",
+        "--model",
+        sd1.to_str().unwrap(),
+        "--prompt",
+        &prompt,
+        "--negative-prompt",
+        "blurry",
+        "--steps",
+        "1",
+        "--height",
+        "16",
+        "--width",
+        "16",
+        "--output",
+        out.to_str().unwrap(),
+    ]);
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let err = String::from_utf8_lossy(&o.stderr);
+    let warnings: Vec<&str> = err.lines().filter(|l| l.contains("warning")).collect();
+    assert_eq!(warnings.len(), 1, "{err}");
+    assert!(
+        warnings[0].starts_with("warning: --prompt is longer than the text encoder's 77 tokens")
+            && warnings[0].ends_with(" the end\""),
+        "{err}"
+    );
+    // 75 prompt tokens fit: what was dropped is the rest, 25 words and "the end".
+    let dropped = warnings[0].split("dropped: \"").nth(1).unwrap();
+    assert_eq!(dropped.split_whitespace().count(), 27, "{dropped}");
+    assert!(out.exists());
+}
+
 #[test]
 fn tokenize_and_info() {
     let sd1 = model("sd1-tiny");

@@ -4,7 +4,8 @@
 //! diffusion generate --model DIR --prompt TEXT [--negative-prompt TEXT] [--scheduler NAME]
 //!     [--steps N] [--guidance F] [--seed N] [--height H] [--width W] [--num-images N]
 //!     [--latents FILE.npy] [--init-image FILE --strength F] [--mask FILE]
-//!     [--output OUT.png] [--output-npy OUT.npy] [--device cpu|wgpu|cuda] [--dtype f32|f16|bf16]
+//!     [--output OUT.png|.jpg|.webp] [--jpeg-quality N] [--output-npy OUT.npy]
+//!     [--device cpu|wgpu|cuda] [--dtype f32|f16|bf16]
 //! diffusion train --stage vae|unet --out RUN [...]
 //! diffusion evaluate [--model DIR] [--guidance 1,3,7.5] [--samplers ddpm:1000,...]
 //! diffusion tokenize --model DIR TEXT
