@@ -55,9 +55,9 @@ impl<T: FromStr<Err = Error>> FromStr for KernelChoice<T> {
     }
 }
 
-/// `--conv`, `--attention`, `--matmul`: the kernels the networks run
-/// ([`diffusion_pipelines::models::nn::kernels`]). Every choice gives the same numbers up
-/// to float rounding.
+/// `--conv`, `--attention`, `--matmul`: the kernels the networks run (see
+/// [`nn::kernels`](mod@diffusion_pipelines::models::nn::kernels)). Every choice gives the
+/// same numbers up to float rounding.
 #[derive(Debug, Clone, Args)]
 pub struct KernelArgs {
     /// How convolutions are computed: `backend` (the backend's kernels), `gemm` (im2col and
