@@ -1,6 +1,6 @@
 //! A sampler defined outside the library, plugged into the pipeline.
 //!
-//! `HalfStepEuler` is the Euler method in sigma space (Karras et al. 2022, Alg. 2 without
+//! `KarrasEuler` is the Euler method in sigma space (Karras et al. 2022, Alg. 2 without
 //! churn) on the Karras noise levels; it implements `Scheduler` for any tensor type, so the
 //! pipeline runs it on device tensors like a built-in sampler.
 //!
