@@ -145,15 +145,14 @@ pub(crate) fn flash_attention<B: Backend>(
     ) {
         Ok(out) => from_cube(out),
         Err(_) => {
+            // The caller skipped its f32 upcast because flash accumulates in f32 (see
+            // `Attention::attend`); the fallback keeps that promise by running in f32.
             count_fallback();
-            burn::tensor::module::attention(
-                from_cube::<B, 4>(q),
-                from_cube(k),
-                from_cube(v),
-                None,
-                None,
-                options,
-            )
+            let dtype = q.dtype;
+            let wide = |t: Cube| super::cast_to(from_cube::<B, 4>(t), super::upcast_dtype(dtype));
+            let out =
+                burn::tensor::module::attention(wide(q), wide(k), wide(v), None, None, options);
+            super::cast_to(out, dtype)
         }
     }
 }
